@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make demo`: tokenizer + autoencoder + CALM + AR baseline on the shipped Gutenberg slice, then
+# sample text and score BrierLM. Runs on CPU; re-running resumes/finishes instantly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+RUN=${RUN:-runs/demo}
+CFG=configs/demo.yaml
+EXTRA=("$@")
+
+echo "== 1/5 autoencoder (K=4 tokens <-> one vector) =="
+$PY train.py --config $CFG stage=autoencoder run_dir=$RUN/ae "${EXTRA[@]}"
+echo "== 2/5 CALM energy model on top of the frozen autoencoder =="
+$PY train.py --config $CFG stage=calm run_dir=$RUN/calm train.autoencoder=$RUN/ae \
+  "${EXTRA[@]}"
+echo "== 3/5 discrete AR baseline (same tokenizer, same backbone size) =="
+$PY train.py --config $CFG stage=ar run_dir=$RUN/ar data.tokenizer=$RUN/ae/tokenizer.json \
+  "${EXTRA[@]}"
+echo "== 4/5 samples =="
+$PY sample.py --run $RUN/calm --prompt "It was a dark and stormy night" --max-new-tokens 48
+$PY sample.py --run $RUN/calm --prompt "It was a dark and stormy night" --max-new-tokens 48 \
+  --temperature 0.5 --sampler batch
+$PY sample.py --run $RUN/ar --prompt "It was a dark and stormy night" --max-new-tokens 48
+echo "== 5/5 BrierLM on held-out books =="
+$PY -m calm.evaluate --run $RUN/calm --out $RUN/brier_calm.json
+$PY -m calm.evaluate --run $RUN/ar --out $RUN/brier_ar.json
+echo "demo finished: runs, logs and checkpoints under $RUN"
