@@ -1,0 +1,354 @@
+"""Text sources → documents → one EOS-separated token stream → blocks → Grain batches.
+
+Sources: `.txt` (documents split on `data.separator`), `.jsonl`/`.json` (JSON Lines with a
+`data.text_field`), a directory (its top-level files of those types) or a glob of such files,
+and `tfds:NAME[:SPLIT]` (ArrayRecord via `tfds.data_source`, no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+from typing import TYPE_CHECKING, Any, Sequence
+
+import grain
+import numpy as np
+
+from calm.errors import ConfigError, DataError
+from calm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+  import jax
+
+  from calm.config import Config, DataConfig
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+_ENCODE_CHUNK = 2048  # documents per encode_batch call
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _is_tfds(spec: str, data_cfg: DataConfig) -> bool:
+  return spec.startswith("tfds:") or data_cfg.format == "tfds"
+
+
+def resolve_files(spec: str, data_cfg: DataConfig) -> list[pathlib.Path]:
+  """The files a path / directory / glob spec names, sorted; DataError if there are none."""
+  spec = spec.strip()
+  if not spec:
+    raise DataError("empty data source")
+  suffixes = TEXT_SUFFIXES + JSON_SUFFIXES
+  if any(c in spec for c in "*?["):
+    files = [pathlib.Path(f) for f in sorted(globlib.glob(spec, recursive=True))]
+    files = [f for f in files if f.is_file()]
+    if not files:
+      raise DataError(f"no files match {spec}")
+    return files
+  p = pathlib.Path(spec)
+  if p.is_dir():
+    files = sorted(f for f in p.iterdir()
+                   if f.is_file() and not f.name.startswith(".")
+                   and (data_cfg.format != "auto" or f.suffix.lower() in suffixes))
+    if not files:
+      subdirs = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+      hint = f" (subdirectories: {', '.join(subdirs)})" if subdirs else ""
+      raise DataError(f"no {'/'.join(suffixes)} files in directory {p}{hint}")
+    return files
+  if p.is_file():
+    return [p]
+  if p.exists():
+    raise DataError(f"{p}: not a regular file")
+  raise DataError(f"data source not found: {p}")
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except PermissionError:
+    raise DataError(f"{path}: permission denied") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+  if not raw:
+    raise DataError(f"{path}: empty file")
+  try:
+    return raw.decode("utf-8").removeprefix("\ufeff")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not valid UTF-8 at byte offset {e.start} "
+                    f"(byte 0x{raw[e.start]:02x})") from None
+
+
+def _txt_documents(path: pathlib.Path, text: str, separator: str) -> list[str]:
+  if "\r" not in separator:
+    text = text.replace("\r\n", "\n")
+  return [d.strip("\r\n") for d in text.split(separator) if d.strip()]
+
+
+def _json_documents(path: pathlib.Path, text: str, field: str) -> list[str]:
+  def take(rec: Any, where: str) -> str | None:
+    if not isinstance(rec, dict):
+      raise DataError(f"{where}: expected a JSON object with a '{field}' field, "
+                      f"got {type(rec).__name__}")
+    if field not in rec:
+      keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+      raise DataError(f"{where}: no '{field}' field (keys: {keys}); set data.text_field")
+    v = rec[field]
+    if not isinstance(v, str):
+      raise DataError(f"{where}: field '{field}' is {type(v).__name__}, not a string")
+    return v if v.strip() else None
+
+  stripped = text.lstrip()
+  if stripped.startswith("["):  # a whole-file JSON array of records
+    try:
+      recs = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    docs = [take(r, f"{path}: record {i}") for i, r in enumerate(recs)]
+    return [d for d in docs if d is not None]
+  docs = []
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    d = take(rec, f"{path}:{lineno}")
+    if d is not None:
+      docs.append(d)
+  return docs
+
+
+def _file_documents(path: pathlib.Path, data_cfg: DataConfig) -> list[str]:
+  fmt = data_cfg.format
+  if fmt == "auto":
+    fmt = "jsonl" if path.suffix.lower() in JSON_SUFFIXES else "txt"
+  text = _read_text(path)
+  if fmt == "jsonl":
+    docs = _json_documents(path, text, data_cfg.text_field)
+  else:
+    docs = _txt_documents(path, text, data_cfg.separator)
+  if not docs:
+    raise DataError(f"{path}: no documents (only blank text)")
+  return docs
+
+
+def _parse_tfds(spec: str) -> tuple[str, str]:
+  body = spec[len("tfds:"):] if spec.startswith("tfds:") else spec
+  name, _, split = body.strip().partition(":")
+  if not name:
+    raise DataError(f"{spec!r}: expected tfds:NAME[:SPLIT]")
+  return name, split or "train"
+
+
+def _tfds_documents(spec: str, data_cfg: DataConfig) -> list[str]:
+  name, split = _parse_tfds(spec)
+  where = f"tfds:{name}:{split}"
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"{where}: tensorflow-datasets is not installed") from None
+  try:
+    src = tfds.data_source(name, split=split, data_dir=data_cfg.tfds_data_dir or None,
+                           download=False)
+  except Exception as e:  # tfds raises many unrelated types for "not found"
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DataError(f"{where}: cannot open ({msg[:200]})") from None
+  field = data_cfg.text_field
+  docs: list[str] = []
+  n = len(src)
+  for start in range(0, n, 1024):
+    idx = list(range(start, min(n, start + 1024)))
+    recs = src.__getitems__(idx) if hasattr(src, "__getitems__") else [src[i] for i in idx]
+    for i, rec in zip(idx, recs):
+      if not isinstance(rec, dict) or field not in rec:
+        keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+        raise DataError(f"{where}: record {i} has no '{field}' feature ({keys}); "
+                        "set data.text_field")
+      v = rec[field]
+      if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+      if isinstance(v, bytes):
+        try:
+          v = v.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataError(f"{where}: record {i} is not valid UTF-8 at byte offset "
+                          f"{e.start}") from None
+      if not isinstance(v, str):
+        raise DataError(f"{where}: record {i} feature '{field}' is {type(v).__name__}, "
+                        "not text")
+      if v.strip():
+        docs.append(v)
+  if not docs:
+    raise DataError(f"{where}: no documents")
+  return docs
+
+
+def read_documents(spec: str, data_cfg: DataConfig) -> list[str]:
+  """All documents of a source, in a deterministic order; DataError on any bad input."""
+  if _is_tfds(spec, data_cfg):
+    return _tfds_documents(spec, data_cfg)
+  docs: list[str] = []
+  for f in resolve_files(spec, data_cfg):
+    docs.extend(_file_documents(f, data_cfg))
+  return docs
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def encode_documents(docs: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(flat int32 ids with EOS after every document, per-document lengths including EOS)."""
+  if not docs:
+    return np.zeros((0,), np.int32), np.zeros((0,), np.int64)
+  flats, lens = [], []
+  for i in range(0, len(docs), _ENCODE_CHUNK):
+    ids = tokenizer.encode_batch(docs[i:i + _ENCODE_CHUNK])
+    n = np.fromiter(map(len, ids), np.int64, len(ids))
+    flats.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(n.sum())))
+    lens.append(n)
+  flat, lengths = np.concatenate(flats), np.concatenate(lens) + 1
+  ends = np.cumsum(lengths)
+  out = np.full(int(ends[-1]), tokenizer.eos_id, np.int32)
+  keep = np.ones(out.shape[0], bool)
+  keep[ends - 1] = False
+  out[keep] = flat
+  return out, lengths
+
+
+def tokenized_documents(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> list[np.ndarray]:
+  """Each document's ids followed by EOS (int32), in source order."""
+  flat, lengths = encode_documents(read_documents(spec, data_cfg), tokenizer)
+  return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def _cache_key(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> str | None:
+  if _is_tfds(spec, data_cfg):
+    return None  # records are not files we can stat cheaply; always re-read
+  h = hashlib.sha256()
+  h.update(json.dumps([data_cfg.format, data_cfg.separator, data_cfg.text_field,
+                       tokenizer.fingerprint]).encode())
+  for f in resolve_files(spec, data_cfg):
+    st = f.stat()
+    h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
+
+
+def token_stream(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer,
+                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+  """The source as one flat int32 stream with EOS after every document.
+
+  With `cache_dir`, the stream is stored as `tokens-<hash>.npy` (keyed by the files' paths,
+  sizes and mtimes and by the tokenizer) and later calls memory-map it instead of tokenising.
+  """
+  key = _cache_key(spec, data_cfg, tokenizer) if cache_dir is not None else None
+  path = pathlib.Path(cache_dir) / f"tokens-{key}.npy" if key else None
+  if path is not None and path.is_file():
+    try:
+      return np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+      log.warning("ignoring unreadable token cache %s", path)
+  tokens, lengths = encode_documents(read_documents(spec, data_cfg), tokenizer)
+  log.info("tokenised %s: %d documents, %d tokens", spec, len(lengths), tokens.shape[0])
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, path)
+  return tokens
+
+
+def pack_blocks(tokens: np.ndarray, block_tokens: int, what: str = "data") -> np.ndarray:
+  """[n_blocks, block_tokens] view of the stream; the ragged tail is dropped."""
+  n = tokens.shape[0] // block_tokens
+  if n == 0:
+    raise DataError(f"{what} has {tokens.shape[0]} tokens, fewer than one block of "
+                    f"data.block_tokens={block_tokens}")
+  return tokens[:n * block_tokens].reshape(n, block_tokens)
+
+
+def _check_block(cfg: Config) -> int:
+  t, k = cfg.data.block_tokens, cfg.model.chunk_size
+  if t % k:
+    raise ConfigError(f"data.block_tokens: {t} is not a multiple of model.chunk_size {k}")
+  return t
+
+
+def eval_blocks(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | None,
+                spec: str) -> np.ndarray:
+  """Held-out source as [n_blocks, data.block_tokens] int32, in order (no shuffle)."""
+  tokens = token_stream(spec, cfg.data, tokenizer, run_dir)
+  return pack_blocks(tokens, _check_block(cfg), what=f"eval source {spec}")
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Endless shuffled batches [local_batch, block_tokens] int32 for one process.
+
+  Global batch i is elements [i·G, (i+1)·G) of a per-epoch shuffled, repeated stream of blocks;
+  process p yields rows [p·G/P, (p+1)·G/P) of it. The state is the global batch index (plus a
+  description of the stream, checked on restore), so it is the same on every process and stays
+  valid when the process count changes. Works with `grain.checkpoint.CheckpointSave`.
+  """
+
+  def __init__(self, blocks_NT: np.ndarray, *, global_batch: int, seed: int, shuffle: bool = True,
+               process_index: int = 0, process_count: int = 1, prefetch: int = 2):
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ConfigError(f"process_index {process_index} out of range for {process_count} "
+                        "processes")
+    if global_batch % process_count:
+      raise ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
+                        f"{process_count} processes")
+    self.local_batch = global_batch // process_count
+    self._meta = {"num_blocks": int(blocks_NT.shape[0]), "block_tokens": int(blocks_NT.shape[1]),
+                  "global_batch": int(global_batch), "seed": int(seed), "shuffle": bool(shuffle)}
+    ds = grain.MapDataset.source(blocks_NT)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None).batch(self.local_batch)[process_index::process_count]
+    read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    super().__init__(ds.to_iter_dataset(read).__iter__())
+
+  def __next__(self) -> np.ndarray:
+    return np.asarray(next(self._parent))
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._parent.get_state(), **self._meta}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for k, v in self._meta.items():
+      if k in state and state[k] != v:
+        raise DataError(f"data iterator state was saved with {k}={state[k]}, but the current "
+                        f"data gives {k}={v}; the data position cannot be resumed")
+    if "grain" not in state:
+      raise DataError("data iterator state is malformed (no 'grain' entry)")
+    self._parent.set_state(state["grain"])
+
+
+def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | None, *,
+                        process_index: int = 0, process_count: int = 1,
+                        prefetch: int = 2) -> TrainIterator:
+  """Training batches from cfg.data.train (token stream cached in run_dir)."""
+  tokens = token_stream(cfg.data.train, cfg.data, tokenizer, run_dir)
+  blocks = pack_blocks(tokens, _check_block(cfg), what=f"training source {cfg.data.train}")
+  return TrainIterator(blocks, global_batch=cfg.train.batch_size, seed=cfg.data.seed,
+                       shuffle=cfg.data.shuffle, process_index=process_index,
+                       process_count=process_count, prefetch=prefetch)
+
+
+def to_global(local_batch_np: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Assembles every process's local rows into one global array with `sharding`."""
+  import jax
+
+  return jax.make_array_from_process_local_data(sharding, local_batch_np)
