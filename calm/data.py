@@ -304,6 +304,7 @@ class TrainIterator(grain.DatasetIterator):
 
   def __init__(self, blocks_NT: np.ndarray, *, global_batch: int, seed: int, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2):
+    self._closed = True  # until the grain base is initialised (its __del__ reads this)
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ConfigError(f"process_index {process_index} out of range for {process_count} "
                         "processes")
