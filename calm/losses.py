@@ -1,0 +1,185 @@
+"""Training objectives of the three stages (pure functions of modules, batch and PRNG key)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm.config import ModelConfig
+
+Metrics = dict[str, jax.Array]
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _pow_of_sq(sq: jax.Array, beta: float) -> jax.Array:
+  """(max(sq, 0))^(β/2), with a finite (zero) gradient where sq ≤ 0."""
+  pos = sq > 0
+  safe = jnp.where(pos, sq, 1.0)
+  val = jnp.sqrt(safe) if beta == 1.0 else safe ** (beta / 2)
+  return jnp.where(pos, val, 0.0)
+
+
+def energy_terms(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(score, dist_xx, dist_xy), each [B, S], with
+
+    dist_xx = Σ_{i≠j} ‖x_i − x_j‖^β / (N(N−1)),  dist_xy = mean_{i,j} ‖x_i − y_j‖^β,
+    score = dist_xx − 2·dist_xy  (higher is better; maximised in expectation by x ~ law of y).
+
+  The N(N−1)/2 sample pairs use exact differences; the N×M sample/target distances use
+  ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b on vectors centred at the targets' mean (full-precision matmul,
+  clamped at 0), so no [N, M, B, S, L] tensor is formed.
+  """
+  x = x_NBSL.astype(jnp.float32)
+  y = y_MBSL.astype(jnp.float32)
+  n = x.shape[0]
+  iu, ju = np.triu_indices(n, 1)
+  sq_pairs = jnp.sum(jnp.square(x[iu] - x[ju]), axis=-1)  # [P, B, S]
+  dist_xx = 2.0 * jnp.sum(_pow_of_sq(sq_pairs, beta), axis=0) / (n * (n - 1))
+
+  center = jnp.mean(y, axis=0)
+  x, y = x - center, y - center
+  xx_BSN = jnp.moveaxis(jnp.sum(x * x, axis=-1), 0, -1)
+  yy_BSM = jnp.moveaxis(jnp.sum(y * y, axis=-1), 0, -1)
+  xy_BSNM = jnp.einsum("nbsl,mbsl->bsnm", x, y, precision=jax.lax.Precision.HIGHEST)
+  sq_BSNM = xx_BSN[..., :, None] + yy_BSM[..., None, :] - 2.0 * xy_BSNM
+  dist_xy = jnp.mean(_pow_of_sq(sq_BSNM, beta), axis=(-2, -1))
+  return dist_xx - 2.0 * dist_xy, dist_xx, dist_xy
+
+
+def energy_score(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float) -> jax.Array:
+  """Energy score [B, S] of N model samples against M target samples (see `energy_terms`)."""
+  return energy_terms(x_NBSL, y_MBSL, beta)[0]
+
+
+def token_dropout(ids: jax.Array, key: jax.Array, p: float) -> jax.Array:
+  """Replaces each id by 0 with probability p."""
+  if p <= 0.0:
+    return ids
+  return jnp.where(jax.random.bernoulli(key, p, ids.shape), jnp.zeros_like(ids), ids)
+
+
+def latent_dropout(z: jax.Array, key: jax.Array, p: float) -> jax.Array:
+  """Inverted dropout: zero with probability p, survivors scaled by 1/(1−p)."""
+  if p <= 0.0:
+    return z
+  keep = jax.random.bernoulli(key, 1.0 - p, z.shape)
+  return jnp.where(keep, z / (1.0 - p), jnp.zeros_like(z))
+
+
+def kl_per_chunk(mu_BSL: jax.Array, logstd_BSL: jax.Array, clamp: float) -> jax.Array:
+  """Σ_dims max(0.5(μ² + σ² − 1 − 2 log σ), clamp) → [B, S] (KL to N(0, I), floored per dim)."""
+  kl = 0.5 * (jnp.square(mu_BSL) + jnp.exp(2.0 * logstd_BSL) - 1.0 - 2.0 * logstd_BSL)
+  return jnp.sum(jnp.maximum(kl, clamp), axis=-1)
+
+
+def cross_entropy(logits_V: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy (float32) and correctness of the argmax."""
+  logits = logits_V.astype(jnp.float32)
+  gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  ce = jax.nn.logsumexp(logits, axis=-1) - gold
+  return ce, jnp.argmax(logits, axis=-1) == labels
+
+
+def _chunks(ids_BT: jax.Array, k: int) -> jax.Array:
+  b, t = ids_BT.shape
+  if t % k:
+    raise ValueError(f"sequence length {t} is not a multiple of chunk size {k}")
+  return ids_BT.reshape(b, t // k, k)
+
+
+# ----------------------------------------------------------------------------- stage losses
+
+
+def autoencoder_loss(ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
+                     ) -> tuple[jax.Array, Metrics]:
+  """K·CE + w·KL with token dropout on the input and dropout on the sampled latent."""
+  a = cfg.autoencoder
+  k_tok, k_eps, k_drop = jax.random.split(key, 3)
+  ids_BSK = _chunks(ids_BT, cfg.chunk_size)
+  mu, logstd = ae.encode(token_dropout(ids_BSK, k_tok, a.token_dropout))
+  z = mu + jnp.exp(logstd) * jax.random.normal(k_eps, mu.shape, mu.dtype)
+  logits = ae.decode(latent_dropout(z, k_drop, a.latent_dropout))
+  ce, correct = cross_entropy(logits, ids_BSK)
+  ce, kl = jnp.mean(ce), jnp.mean(kl_per_chunk(mu, logstd, a.kl_clamp))
+  loss = cfg.chunk_size * ce + a.kl_weight * kl
+  return loss, {"loss": loss, "ce": ce, "kl": kl, "token_acc": jnp.mean(correct),
+                "logstd": jnp.mean(logstd)}
+
+
+def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
+              ) -> tuple[jax.Array, Metrics]:
+  """−energy score of N head samples against M draws of the frozen AE posterior of the next chunk.
+
+  Position i reads chunk i and is scored against chunk i+1; `ae` receives no gradient.
+  """
+  h = cfg.head
+  k_noise, k_eps = jax.random.split(key)
+  ids_BSK = _chunks(ids_BT, cfg.chunk_size)
+  mu, logstd = jax.lax.stop_gradient(ae.encode(ids_BSK[:, 1:]))
+  y_MBSL = mu + jnp.exp(logstd) * jax.random.normal(
+      k_eps, (h.num_target_samples, *mu.shape), jnp.float32)
+  hid, _ = model.hidden(ids_BSK[:, :-1])
+  x_NBSL = model.sample(hid, k_noise, h.num_samples)
+  score, dxx, dxy = energy_terms(x_NBSL, y_MBSL, h.beta)
+  loss = -jnp.mean(score)
+  return loss, {"loss": loss, "energy_score": jnp.mean(score), "dist_xx": jnp.mean(dxx),
+                "dist_xy": jnp.mean(dxy)}
+
+
+def ar_loss(model, ids_BT: jax.Array) -> tuple[jax.Array, Metrics]:
+  """Mean next-token cross-entropy over positions 1..T−1."""
+  logits, _ = model(ids_BT)
+  ce, correct = cross_entropy(logits[:, :-1], ids_BT[:, 1:])
+  loss = jnp.mean(ce)
+  return loss, {"loss": loss, "ce": loss, "token_acc": jnp.mean(correct)}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
+  """Multiply-accumulates of one position through the backbone with `context` keys attended."""
+  b = cfg.backbone
+  attn_proj = b.hidden_dim * (b.num_heads + 2 * b.num_kv_heads) * b.head_dim
+  attn_proj += b.num_heads * b.head_dim * b.hidden_dim
+  scores = 2 * context * b.num_heads * b.head_dim  # QKᵀ and AV
+  return b.num_layers * (attn_proj + scores + 3 * b.hidden_dim * b.ffn_dim)
+
+
+def _ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
+  """(encoder, decoder) multiply-accumulates for one chunk, logits included in the decoder."""
+  a, K, L = cfg.autoencoder, cfg.chunk_size, cfg.latent_dim
+  d, block = a.hidden_dim, 3 * a.hidden_dim * a.ffn_dim
+  e1, d1 = a.num_encoder_layers // 2, a.num_decoder_layers // 2
+  enc = (K * e1 + (a.num_encoder_layers - e1)) * block + K * d * d + d * 2 * L
+  dec = L * d + (d1 + K * (a.num_decoder_layers - d1)) * block + d * K * d + K * d * cfg.vocab_size
+  return enc, dec
+
+
+def model_flops_per_token(cfg: ModelConfig, stage: str, seq_tokens: int) -> float:
+  """Training FLOPs per token: 6·(matmul MACs) for trained parts (forward + backward),
+  2·MACs for frozen forward-only parts. Causal attention counts the average context (T/2).
+  Embedding lookups, norms and elementwise ops are not counted.
+  """
+  K = cfg.chunk_size
+  if stage == "autoencoder":
+    enc, dec = _ae_macs_per_chunk(cfg)
+    return 6.0 * (enc + dec) / K
+  if stage == "ar":
+    macs = _backbone_macs_per_position(cfg, seq_tokens / 2)
+    return 6.0 * (macs + cfg.backbone.hidden_dim * cfg.vocab_size)
+  if stage == "calm":
+    d, h, L = cfg.backbone.hidden_dim, cfg.head, cfg.latent_dim
+    compress = K * d * 2 * d + 2 * d * d
+    backbone = _backbone_macs_per_position(cfg, seq_tokens / K / 2)
+    head_shared = d * d + h.num_blocks * d * d  # hidden_in and the y half of each fc1
+    head_sample = h.noise_dim * d + h.num_blocks * (d * d + d * d + d * 2 * d + d * d)
+    head_sample += d * d + d * L
+    energy = h.num_samples * h.num_target_samples * L
+    trained = compress + backbone + head_shared + h.num_samples * head_sample + energy
+    frozen = _ae_macs_per_chunk(cfg)[0]
+    return (6.0 * trained + 2.0 * frozen) / K
+  raise ValueError(f"unknown stage {stage!r}")

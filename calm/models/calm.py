@@ -1,0 +1,117 @@
+"""CALM: chunk compression → causal backbone → energy-score generative head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from calm.config import ModelConfig
+from calm.models.layers import Embedding, LayerNorm, Linear, compute_dtype, param, zeros_init
+from calm.models.transformer import KVCache, Transformer
+
+
+class InputCompression(nnx.Module):
+  """K token embeddings of a chunk → LayerNorm(Linear(SiLU(Linear(concat, 2d)), d))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, K, dt = cfg.backbone.hidden_dim, cfg.chunk_size, cfg.dtype
+    self.up = Linear(K * d, 2 * d, ("chunk", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
+    self.down = Linear(2 * d, d, ("mlp", "embed"), use_bias=True, dtype=dt, rngs=rngs)
+    self.norm = LayerNorm(d, cfg.backbone.norm_eps, rngs=rngs)
+
+  def __call__(self, emb_BSKD: jax.Array) -> jax.Array:
+    x_BSC = emb_BSKD.reshape(*emb_BSKD.shape[:-2], -1)
+    return self.norm(self.down(jax.nn.silu(self.up(x_BSC))))
+
+
+class HeadBlock(nnx.Module):
+  """x + down(silu(g) * v), (g, v) = fc3(silu(fc2(silu(fc1([norm(x), y]))))).
+
+  fc1's kernel [2d, d] is applied as two halves so the conditioning half (y) can be computed
+  once per position and broadcast over the N noise samples.
+  """
+
+  def __init__(self, d: int, eps: float, *, dtype: str, rngs: nnx.Rngs):
+    self.norm = LayerNorm(d, eps, rngs=rngs)
+    self.fc1 = Linear(2 * d, d, (None, "mlp"), use_bias=True, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(d, d, ("mlp", None), use_bias=True, dtype=dtype, rngs=rngs)
+    self.fc3 = Linear(d, 2 * d, (None, "mlp"), use_bias=True, dtype=dtype, rngs=rngs)
+    self.down = Linear(d, d, ("mlp", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
+    self.dtype = compute_dtype(dtype)
+
+  def condition(self, y_D: jax.Array) -> jax.Array:
+    """The y half of fc1 (plus its bias): shared by every sample at a position."""
+    d = y_D.shape[-1]
+    w = self.fc1.kernel[d:].astype(self.dtype)
+    return jnp.einsum("...i,io->...o", y_D.astype(self.dtype), w) + self.fc1.bias[...].astype(self.dtype)
+
+  def __call__(self, x_D: jax.Array, cond_D: jax.Array) -> jax.Array:
+    d = x_D.shape[-1]
+    w = self.fc1.kernel[:d].astype(self.dtype)
+    h = jnp.einsum("...i,io->...o", self.norm(x_D).astype(self.dtype), w) + cond_D
+    h = self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(h))))
+    g, v = jnp.split(h, 2, axis=-1)
+    return x_D + self.down(jax.nn.silu(g) * v).astype(x_D.dtype)
+
+
+class EnergyHead(nnx.Module):
+  """Maps (backbone hidden h, uniform noise u) to one latent sample z (the "MLP generator")."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    h, d, L, dt = cfg.head, cfg.backbone.hidden_dim, cfg.latent_dim, cfg.dtype
+    self.noise_dim = h.noise_dim
+    self.noise_in = Linear(h.noise_dim, d, ("noise", "embed"), use_bias=True, dtype=dt, rngs=rngs)
+    self.hidden_in = Linear(d, d, (None, "embed"), use_bias=True, dtype=dt, rngs=rngs)
+    self.noise_norm = LayerNorm(d, h.norm_eps, rngs=rngs)
+    self.hidden_norm = LayerNorm(d, h.norm_eps, rngs=rngs)
+    self.blocks = nnx.List([HeadBlock(d, h.norm_eps, dtype=dt, rngs=rngs)
+                            for _ in range(h.num_blocks)])
+    self.out_norm = LayerNorm(d, h.norm_eps, rngs=rngs)
+    self.out_fc1 = Linear(d, d, ("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
+    # zero-initialised: every sample starts at z = 0
+    self.out_fc2 = Linear(d, L, ("mlp", "latent"), use_bias=True, dtype=dt,
+                          kernel_init=zeros_init, rngs=rngs)
+
+  def __call__(self, h_D: jax.Array, noise_U: jax.Array) -> jax.Array:
+    """h [..., D] and noise [N..., ..., U] (broadcastable leading dims) → z [..., L] float32."""
+    x = self.noise_norm(self.noise_in(noise_U))
+    y = self.hidden_norm(self.hidden_in(h_D))
+    for block in self.blocks:
+      x = block(x, block.condition(y))
+    z = self.out_fc2(jax.nn.silu(self.out_fc1(self.out_norm(x))))
+    return z.astype(jnp.float32)
+
+
+class CALM(nnx.Module):
+  """Continuous autoregressive LM over chunk vectors: its own token embedding (not the AE's),
+  input compression, Llama backbone and energy head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.chunk_size, self.latent_dim, self.noise_dim = cfg.chunk_size, cfg.latent_dim, cfg.head.noise_dim
+    self.embed = Embedding(cfg.vocab_size, cfg.backbone.hidden_dim, dtype=cfg.dtype, rngs=rngs)
+    self.compress = InputCompression(cfg, rngs=rngs)
+    self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, rngs=rngs)
+    self.energy_head = EnergyHead(cfg, rngs=rngs)
+
+  def init_cache(self, batch: int, max_chunks: int, dtype: str | None = None) -> KVCache:
+    return self.backbone.init_cache(batch, max_chunks, dtype)
+
+  def compress_chunks(self, ids_BSK: jax.Array) -> jax.Array:
+    """Token chunks → backbone inputs [B, S, D]."""
+    return self.compress(self.embed(ids_BSK))
+
+  def hidden(self, ids_BSK: jax.Array, *, positions_BS: jax.Array | None = None,
+             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Hidden state at each chunk (predicting the next chunk's vector)."""
+    return self.backbone(self.compress_chunks(ids_BSK), positions_BT=positions_BS, cache=cache)
+
+  def head(self, h_BSD: jax.Array, noise_BSU: jax.Array) -> jax.Array:
+    """One latent per noise vector; noise may carry extra leading sample dims."""
+    return self.energy_head(h_BSD, noise_BSU)
+
+  def sample(self, h_BSD: jax.Array, key: jax.Array, num: int) -> jax.Array:
+    """`num` head samples per position with u ~ U(−0.5, 0.5)^noise_dim → z [num, B, S, L]."""
+    noise_NBSU = jax.random.uniform(key, (num, *h_BSD.shape[:-1], self.noise_dim),
+                                    jnp.float32, -0.5, 0.5)
+    return self.head(h_BSD, noise_NBSU)
