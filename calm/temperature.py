@@ -1,0 +1,193 @@
+"""Likelihood-free temperature sampling: draw chunks ∝ P(x)^{1/T} from a sampler of P alone.
+
+CALM cannot evaluate P(x) for a K-token chunk x; it can only draw from it (head sample → AE
+decode → argmax). Both samplers here use nothing but draws.
+
+- `exact_sample`: the paper's rejection scheme, exact for any T ∈ (0, 1], variable cost.
+- `batch_sample`: the reference's approximate scheme from N fixed candidates, fixed cost.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from calm.errors import CalmError
+
+DrawFn = Callable[[jax.Array], jax.Array]  # key -> chunk_BK (int32), one i.i.d. draw per row
+
+
+def validate_temperature(temperature: float) -> float:
+  """Returns T as a float; NaN, T ≤ 0 or T > 1 raise CalmError."""
+  try:
+    t = float(temperature)
+  except (TypeError, ValueError):
+    raise CalmError(f"temperature must be a number in (0, 1], got {temperature!r}") from None
+  if not math.isfinite(t) or t <= 0.0 or t > 1.0:
+    raise CalmError(f"temperature must be in (0, 1], got {temperature!r}")
+  return t
+
+
+def split_inverse_temperature(temperature: float) -> tuple[int, float]:
+  """1/T = n + α with integer n ≥ 1 and α ∈ [0, 1); 1/T within 1e-9 of an integer snaps to it."""
+  inv = 1.0 / validate_temperature(temperature)
+  r = round(inv)
+  if abs(inv - r) < 1e-9:
+    return int(r), 0.0
+  n = math.floor(inv)
+  return int(n), float(inv - n)
+
+
+# ----------------------------------------------------------------------------- exact sampler
+
+# Per-row phases of the exact sampler's state machine.
+_AGREE, _FACTORY, _DONE = 0, 1, 2
+
+
+def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float,
+                 max_attempts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws one chunk per row exactly ∝ P(x)^{1/T} using only i.i.d. draws from P.
+
+  With 1/T = n + α: collect n identical draws x (a mismatch restarts with fresh draws), then a Bernoulli factory
+  for P(x)^α: for k = 1, 2, …: draw y; y == x accepts x; else restart with probability α/k,
+  otherwise continue. A round accepts x with probability P(x)^n · P(x)^α.
+
+  All rows advance in lock-step: each loop iteration makes one `draw_fn` call (one candidate per
+  row) and updates every unfinished row. A row that uses `max_attempts` draws without accepting
+  returns a fallback and ok=False: the last candidate that reached n-fold agreement if the row
+  had one (a draw ∝ P^n, already sharpened), else its first draw (a plain T=1 sample).
+
+  Args:
+    draw_fn: key -> chunk_BK int32, i.i.d. draws from P, one per row.
+    key: PRNG key.
+    temperature: Python float in (0, 1]; static (n and α are derived from it).
+    max_attempts: cap on draws per row (static).
+
+  Returns:
+    (chunk_BK, ok_B, attempts_B): the samples, whether each was accepted before the cap, and the
+    number of draws each row consumed.
+  """
+  n, alpha = split_inverse_temperature(temperature)
+  if max_attempts < 1:
+    raise CalmError(f"max_attempts must be >= 1, got {max_attempts}")
+  draw_key, coin_key = jax.random.split(key)
+  first_BK = draw_fn(jax.random.fold_in(draw_key, 0))
+  B = first_BK.shape[0]
+  if n == 1 and alpha == 0.0:  # T = 1: one draw is exact
+    return first_BK, jnp.ones((B,), bool), jnp.ones((B,), jnp.int32)
+
+  def update(state, y_BK, u_B):
+    phase_B, x_BK, agree_B, k_B, fallback_BK, attempts_B = state
+    active_B = phase_B != _DONE
+    attempts_B = attempts_B + active_B.astype(jnp.int32)
+    match_B = jnp.all(y_BK == x_BK, axis=-1)
+    # Agreement phase: agree_B counts identical draws so far (0 = no candidate yet).
+    in_agree_B = active_B & (phase_B == _AGREE)
+    # A mismatching draw is discarded, not reused: conditioned on y != x it is not a draw from P.
+    start_B = in_agree_B & (agree_B == 0)
+    x_BK = jnp.where(start_B[:, None], y_BK, x_BK)
+    agree_B = jnp.where(in_agree_B,
+                        jnp.where(start_B, 1, jnp.where(match_B, agree_B + 1, 0)), agree_B)
+    reached_B = in_agree_B & (agree_B >= n)
+    fallback_BK = jnp.where(reached_B[:, None], x_BK, fallback_BK)
+    # Bernoulli factory for P(x)^α; k_B is the factory's step index.
+    in_factory_B = active_B & (phase_B == _FACTORY)
+    accept_B = in_factory_B & match_B
+    reject_B = in_factory_B & ~match_B & (u_B < alpha / jnp.maximum(k_B, 1).astype(u_B.dtype))
+    k_B = jnp.where(in_factory_B, k_B + 1, jnp.where(reached_B, 1, k_B))
+    done_B = accept_B | (reached_B if alpha == 0.0 else jnp.zeros_like(reached_B))
+    phase_B = jnp.where(done_B, _DONE,
+                        jnp.where(reject_B, _AGREE,
+                                  jnp.where(reached_B, _FACTORY, phase_B)))
+    agree_B = jnp.where(reject_B, 0, agree_B)
+    return phase_B, x_BK, agree_B, k_B, fallback_BK, attempts_B
+
+  zeros_B = jnp.zeros((B,), jnp.int32)
+  state = (zeros_B + _AGREE, first_BK, zeros_B, zeros_B, first_BK, zeros_B)
+  state = update(state, first_BK, jax.random.uniform(jax.random.fold_in(coin_key, 0), (B,)))
+
+  def cond(carry):
+    it, state = carry
+    return (it < max_attempts) & jnp.any(state[0] != _DONE)
+
+  def body(carry):
+    it, state = carry
+    y_BK = draw_fn(jax.random.fold_in(draw_key, it))
+    u_B = jax.random.uniform(jax.random.fold_in(coin_key, it), (B,))
+    return it + 1, update(state, y_BK, u_B)
+
+  _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), state))
+  phase_B, x_BK, _, _, fallback_BK, attempts_B = state
+  ok_B = phase_B == _DONE
+  return jnp.where(ok_B[:, None], x_BK, fallback_BK), ok_B, attempts_B
+
+
+# ----------------------------------------------------------------------------- batch sampler
+
+
+def chunk_counts(candidates_BNK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Multiplicity of each candidate within its row, and a mask of one representative per value.
+
+  Sort-based (O(N log N) per row): rows are sorted lexicographically over the K tokens, runs of
+  equal chunks are delimited, and each candidate gets its run's length.
+
+  Returns:
+    (count_BN int32, is_rep_BN bool) in the candidates' original order.
+  """
+  B, N, K = candidates_BNK.shape
+  iota_BN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
+  cols = tuple(candidates_BNK[..., k] for k in range(K))
+  *sorted_cols, order_BN = jax.lax.sort(cols + (iota_BN,), dimension=1, num_keys=K)
+  sorted_BNK = jnp.stack(sorted_cols, axis=-1)
+  new_BN = jnp.concatenate(
+      [jnp.ones((B, 1), bool), jnp.any(sorted_BNK[:, 1:] != sorted_BNK[:, :-1], axis=-1)], axis=1)
+  last_BN = jnp.concatenate([new_BN[:, 1:], jnp.ones((B, 1), bool)], axis=1)
+  start_BN = jax.lax.cummax(jnp.where(new_BN, iota_BN, 0), axis=1)
+  end_BN = jax.lax.cummin(jnp.where(last_BN, iota_BN, N - 1), axis=1, reverse=True)
+  count_sorted_BN = end_BN - start_BN + 1
+  rows_B1 = jnp.arange(B)[:, None]
+  count_BN = jnp.zeros((B, N), jnp.int32).at[rows_B1, order_BN].set(count_sorted_BN)
+  is_rep_BN = jnp.zeros((B, N), bool).at[rows_B1, order_BN].set(new_BN)
+  return count_BN, is_rep_BN
+
+
+def batch_log_weights(candidates_BNK: jax.Array, temperature: float) -> jax.Array:
+  """Log selection weight of each distinct candidate chunk (−inf on duplicates), see below.
+
+  With s = 1/T and c a chunk's count among the N candidates, the weight is the (generalised)
+  binomial coefficient C(c, e) = Γ(c+1) / (Γ(e+1) Γ(c−e+1)) with e = min(s, c_max):
+  - integer s: E[C(c, s)] = C(N, s) P(x)^s, so the weights are unbiased for P^s up to a common
+    factor (the reference's rule);
+  - fractional s = n + α: C(c, s) ~ c^s / Γ(s+1) as c grows with c/N → P(x), so the weights are
+    ∝ P(x)^s (1 + O(1/(N P(x)))) — consistent as N → ∞, exact at α = 0. Only chunks with
+    c ≥ ⌊e⌋ are eligible (there the coefficient is positive);
+  - if no chunk reaches s (c_max < s), e = c_max: uniform over the most frequent chunks, which is
+    exactly the reference's fall-back "for n = 1/T down to 1, use chunks seen ≥ n times".
+  The normalised selection is a ratio of estimates, hence slightly biased at finite N; the bias
+  vanishes as N grows.
+  """
+  s = 1.0 / validate_temperature(temperature)
+  count_BN, is_rep_BN = chunk_counts(candidates_BNK)
+  c_BN = count_BN.astype(jnp.float32)
+  cmax_B1 = jnp.max(c_BN, axis=1, keepdims=True)
+  e_B1 = jnp.minimum(jnp.float32(s), cmax_B1)
+  eligible_BN = is_rep_BN & (c_BN >= jnp.floor(e_B1))
+  safe_BN = jnp.where(eligible_BN, c_BN - e_B1 + 1.0, 1.0)
+  logw_BN = jax.lax.lgamma(c_BN + 1.0) - jax.lax.lgamma(e_B1 + 1.0) - jax.lax.lgamma(safe_BN)
+  return jnp.where(eligible_BN, logw_BN, -jnp.inf)
+
+
+def batch_sample(candidates_BNK: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+  """Picks one chunk per row from N candidates (i.i.d. from P) approximately ∝ P(x)^{1/T}.
+
+  Each distinct chunk (not each duplicate) is chosen with probability ∝ its weight from
+  `batch_log_weights`. T = 1 returns the first candidate (already an exact draw).
+  """
+  if validate_temperature(temperature) == 1.0:
+    return candidates_BNK[:, 0]
+  logw_BN = batch_log_weights(candidates_BNK, temperature)
+  idx_B = jax.random.categorical(key, logw_BN, axis=-1)
+  return jnp.take_along_axis(candidates_BNK, idx_B[:, None, None], axis=1)[:, 0]

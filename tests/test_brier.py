@@ -1,0 +1,150 @@
+"""Brier-n estimators against closed forms on a known Markov-chain "language"."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm import brier
+
+V = 3
+PI = np.array([0.5, 0.3, 0.2])  # data distribution of the first token
+A = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])  # data transitions
+
+
+def temper(pi, a, tau):
+  """Per-step tempered chain: τ < 1 over-confident, τ > 1 under-confident."""
+  p = pi ** (1 / tau)
+  t = a ** (1 / tau)
+  return p / p.sum(), t / t.sum(axis=1, keepdims=True)
+
+
+def seq_prob(pi, a, x):
+  p = pi[x[0]]
+  for u, v in zip(x[:-1], x[1:]):
+    p *= a[u, v]
+  return p
+
+
+def exact_brier(model, data=(PI, A)):
+  """E_{y~data}[2 P(y[:n])] − Σ_x P(x[:n])², n = 1..4, by enumeration."""
+  out = []
+  for n in range(1, 5):
+    grams = list(itertools.product(range(V), repeat=n))
+    pm = np.array([seq_prob(*model, g) for g in grams])
+    pd = np.array([seq_prob(*data, g) for g in grams])
+    out.append(2 * (pd * pm).sum() - (pm ** 2).sum())
+  return np.array(out)
+
+
+def sample_chain(key, pi, a, shape):
+  k0, *ks = jax.random.split(key, 4)
+  x = [jax.random.categorical(k0, jnp.log(jnp.asarray(pi)), shape=shape)]
+  la = jnp.log(jnp.asarray(a))
+  for k in ks:
+    x.append(jax.random.categorical(k, la[x[-1]]))
+  return jnp.stack(x, axis=-1)
+
+
+def chain_logits(pi, a, prev_P3):
+  """Logits for 4 steps given the previous 3 tokens of a path (step 0 uses π)."""
+  la = jnp.log(jnp.asarray(a, jnp.float32))
+  first = jnp.broadcast_to(jnp.log(jnp.asarray(pi, jnp.float32)), prev_P3.shape[:-1] + (V,))
+  return jnp.concatenate([first[..., None, :], la[prev_P3]], axis=-2)
+
+
+def calm_estimates(key, model, n):
+  ky, k1, k2 = jax.random.split(key, 3)
+  y = sample_chain(ky, PI, A, (n,))
+  x1 = sample_chain(k1, *model, (n,))
+  x2 = sample_chain(k2, *model, (n,))
+  return np.asarray(brier.brier_terms_from_samples(x1, x2, y))
+
+
+def ar_estimates(key, model, n):
+  ky, k1 = jax.random.split(key)
+  y = sample_chain(ky, PI, A, (n,))
+  x1 = sample_chain(k1, *model, (n,))
+  return np.asarray(brier.brier_terms_from_logits(
+      chain_logits(*model, y[:, :3]), y, chain_logits(*model, x1[:, :3]), x1[:, :3]))
+
+
+def test_sample_estimator_by_hand():
+  y = jnp.array([[1, 2, 3, 4, 9]])
+  x1 = jnp.array([[1, 2, 0, 4, 9]])
+  x2 = jnp.array([[1, 2, 3, 5, 0]])
+  # n:       1  2  3  4
+  # x1 = y:  1  1  0  0
+  # x2 = y:  1  1  1  0
+  # x1 = x2: 1  1  0  0
+  np.testing.assert_array_equal(brier.brier_terms_from_samples(x1, x2, y), [[1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("estimator", [calm_estimates, ar_estimates])
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_estimators_unbiased(estimator, tau):
+  model = temper(PI, A, tau)
+  est = estimator(jax.random.key(0), model, 200_000)
+  mean, se = est.mean(0), est.std(0) / np.sqrt(len(est))
+  exact = exact_brier(model)
+  assert np.all(np.abs(mean - exact) < 3 * se), (mean, exact, se)
+
+
+def test_ar_estimator_has_lower_variance():
+  model = temper(PI, A, 0.8)
+  v_calm = calm_estimates(jax.random.key(1), model, 50_000).var(0)
+  v_ar = ar_estimates(jax.random.key(1), model, 50_000).var(0)
+  assert np.all(v_ar < v_calm)
+
+
+def test_ar_logits_accuracy_term_exact():
+  # Deterministic check: collision of a one-hot model is 1, accuracy 2·∏p(y).
+  logits = jnp.log(jnp.array([[[0.5, 0.5, 0.0]] * 4]) + 1e-30)
+  y = jnp.array([[0, 1, 0, 1]])
+  x1 = jnp.array([[1, 1, 0]])
+  out = np.asarray(brier.brier_terms_from_logits(logits, y, logits, x1))[0]
+  acc = 2 * 0.5 ** np.arange(1, 5)
+  coll = 0.5 ** np.arange(1, 5)  # Σ_x P(x)² over n-grams of a fair coin
+  np.testing.assert_allclose(out, acc - coll, rtol=1e-5)
+
+
+def test_properness_data_distribution_scores_best():
+  scores = {}
+  for tau in (0.7, 1.0, 1.6):
+    exact = exact_brier(temper(PI, A, tau))
+    est = ar_estimates(jax.random.key(3), temper(PI, A, tau), 100_000)
+    scores[tau] = (brier.brierlm(exact), brier.summarize(est, np.arange(len(est)),
+                                                         num_bootstrap=0))
+  for tau in (0.7, 1.6):
+    assert scores[1.0][0] > scores[tau][0]
+    s_true, s_bad = scores[1.0][1], scores[tau][1]
+    gap_se = np.hypot(s_true["brierlm_se"], s_bad["brierlm_se"])
+    assert s_true["brierlm"] - s_bad["brierlm"] > 3 * gap_se
+
+
+def test_brierlm_value_and_clamp():
+  assert brier.brierlm([0.5, 0.5, 0.5, 0.5]) == pytest.approx(50.0)
+  assert brier.brierlm([0.9, 0.4, 0.1, 0.025]) == pytest.approx(100 * (0.9 * 0.4 * 0.1 * 0.025)
+                                                                ** 0.25)
+  assert brier.brierlm([0.5, 0.3, -0.01, 0.1]) == 0.0
+
+
+def test_summarize_cluster_standard_error():
+  rng = np.random.default_rng(0)
+  D, per = 20, 5
+  doc_level = rng.normal(0.4, 0.1, size=(D, 1, 4))
+  est = (doc_level + rng.normal(0, 0.05, size=(D, per, 4))).reshape(-1, 4)
+  docs = np.repeat(np.arange(D), per)
+  s = brier.summarize(est, docs, num_bootstrap=2000, seed=1)
+  # Equal-size documents: the ratio estimator is the mean of document means and its
+  # cluster-robust SE is their standard error.
+  doc_means = est.reshape(D, per, 4).mean(1)
+  np.testing.assert_allclose(s["brier"], doc_means.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(s["brier_se"], doc_means.std(0, ddof=1) / np.sqrt(D), rtol=1e-9)
+  assert s["documents"] == D and s["positions"] == D * per
+  lo, hi = s["brierlm_ci95"]
+  assert lo < s["brierlm"] < hi
+  # The bootstrap CI and the delta-method SE agree roughly.
+  assert 0.5 < (hi - lo) / (2 * 1.96 * s["brierlm_se"]) < 2.0
