@@ -314,15 +314,18 @@ class TrainIterator(grain.DatasetIterator):
     self.local_batch = global_batch // process_count
     self._meta = {"num_blocks": int(blocks_NT.shape[0]), "block_tokens": int(blocks_NT.shape[1]),
                   "global_batch": int(global_batch), "seed": int(seed), "shuffle": bool(shuffle)}
-    ds = grain.MapDataset.source(blocks_NT)
+    # Shuffle/batch block *indices*, then gather each batch with one fancy index (2x faster
+    # than stacking per-block elements for small blocks; same batches).
+    ds = grain.MapDataset.range(blocks_NT.shape[0])
     if shuffle:
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None).batch(self.local_batch)[process_index::process_count]
+    ds = ds.map(lambda idx_B: np.asarray(blocks_NT[idx_B], dtype=np.int32))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     super().__init__(ds.to_iter_dataset(read).__iter__())
 
   def __next__(self) -> np.ndarray:
-    return np.asarray(next(self._parent))
+    return next(self._parent)
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._parent.get_state(), **self._meta}
