@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 import grain
@@ -115,7 +116,7 @@ def _json_documents(path: pathlib.Path, text: str, field: str) -> list[str]:
     docs = [take(r, f"{path}: record {i}") for i, r in enumerate(recs)]
     return [d for d in docs if d is not None]
   docs = []
-  for lineno, line in enumerate(text.splitlines(), 1):
+  for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is valid JSON
     if not line.strip():
       continue
     try:
@@ -142,12 +143,16 @@ def _file_documents(path: pathlib.Path, data_cfg: DataConfig) -> list[str]:
   return docs
 
 
+_TFDS_SPEC = re.compile(r"(?P<name>[^:]+(?::\d+(?:\.\d+)*)?)(?::(?P<split>.+))?")
+
+
 def _parse_tfds(spec: str) -> tuple[str, str]:
+  """`tfds:NAME[/CONFIG][:VERSION][:SPLIT]` → (name, split); the split defaults to train."""
   body = spec[len("tfds:"):] if spec.startswith("tfds:") else spec
-  name, _, split = body.strip().partition(":")
-  if not name:
+  m = _TFDS_SPEC.fullmatch(body.strip())
+  if not m:
     raise DataError(f"{spec!r}: expected tfds:NAME[:SPLIT]")
-  return name, split or "train"
+  return m["name"], m["split"] or "train"
 
 
 def _tfds_documents(spec: str, data_cfg: DataConfig) -> list[str]:

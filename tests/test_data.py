@@ -88,6 +88,22 @@ def test_json_array_and_custom_text_field(tmp_path):
   assert D.read_documents(str(tmp_path / "arr.json"), cfg.data) == ["one", "two"]
 
 
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+  p = tmp_path / "u.jsonl"
+  p.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n")
+  assert D.read_documents(str(p), _cfg(str(p)).data) == ["a\u2028b"]
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("tfds:lm1b", ("lm1b", "train")),
+    ("tfds:c4/en:3.0.1:validation", ("c4/en:3.0.1", "validation")),
+    ("tfds:mnist:3.0.1", ("mnist:3.0.1", "train")),
+    ("tfds:wiki:train[:10%]", ("wiki", "train[:10%]")),
+])
+def test_tfds_spec_parsing(spec, want):
+  assert D._parse_tfds(spec) == want
+
+
 def test_wikitext_jsonl_reads(shared_data):
   path = shared_data / "wikitext103-test" / "wikitext_document_level-test.json"
   docs = D.read_documents(str(path), _cfg(str(path)).data)
