@@ -110,37 +110,33 @@ def test_wikitext_jsonl_reads(shared_data):
   assert len(docs) == 62 and docs[0].startswith(" = Robert Boulter = ")
 
 
-class _TinyText:  # defined lazily so importing tfds only costs when the test runs
-  builder = None
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A tiny ArrayRecord TFDS dataset (train: DOCS, test: DOCS[:2]) built without TensorFlow."""
+  import tensorflow_datasets as tfds
+
+  class CalmTinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "n": np.int32}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(DOCS), "test": self._generate_examples(DOCS[:2])}
+
+    def _generate_examples(self, docs):
+      for i, d in enumerate(docs):
+        yield i, {"text": d, "n": i}
+
+  root = tmp_path_factory.mktemp("tfds")
+  CalmTinyText(data_dir=str(root), file_format="array_record").download_and_prepare()
+  return root
 
 
-def _tiny_tfds_builder():
-  if _TinyText.builder is None:
-    import tensorflow_datasets as tfds
-
-    class CalmTinyText(tfds.core.GeneratorBasedBuilder):
-      VERSION = tfds.core.Version("1.0.0")
-
-      def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "n": np.int32}))
-
-      def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(DOCS), "test": self._generate_examples(DOCS[:2])}
-
-      def _generate_examples(self, docs):
-        for i, d in enumerate(docs):
-          yield i, {"text": d, "n": i}
-
-    _TinyText.builder = CalmTinyText
-  return _TinyText.builder
-
-
-def test_tfds_source_without_tensorflow(tmp_path, tok):
-  builder = _tiny_tfds_builder()(data_dir=str(tmp_path), file_format="array_record")
-  builder.download_and_prepare()
-  cfg = _cfg("tfds:calm_tiny_text", **{"data.tfds_data_dir": str(tmp_path)})
+def test_tfds_source_without_tensorflow(tmp_path, tok, tfds_dir):
+  cfg = _cfg("tfds:calm_tiny_text", **{"data.tfds_data_dir": str(tfds_dir)})
   docs = D.read_documents("tfds:calm_tiny_text", cfg.data)  # default split: train
   assert sorted(docs) == sorted(DOCS)  # tfds stores records in its own (fixed) order
   assert D.read_documents("tfds:calm_tiny_text", cfg.data) == docs
