@@ -265,10 +265,14 @@ def token_stream(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer,
   tokens, lengths = encode_documents(read_documents(spec, data_cfg), tokenizer)
   log.info("tokenised %s: %d documents, %d tokens", spec, len(lengths), tokens.shape[0])
   if path is not None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(tmp, tokens)
+      os.replace(tmp, path)
+    except OSError as e:  # a read-only run directory only costs the cache
+      log.warning("cannot cache tokens in %s (%s)", path.parent, e.strerror or e)
+      tmp.unlink(missing_ok=True)
   return tokens
 
 
@@ -292,7 +296,7 @@ def eval_blocks(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | 
                 spec: str) -> np.ndarray:
   """Held-out source as [n_blocks, data.block_tokens] int32, in order (no shuffle)."""
   tokens = token_stream(spec, cfg.data, tokenizer, run_dir)
-  return pack_blocks(tokens, _check_block(cfg), what=f"eval source {spec}")
+  return np.asarray(pack_blocks(tokens, _check_block(cfg), what=f"eval source {spec}"))
 
 
 # ----------------------------------------------------------------------------- iterator

@@ -238,6 +238,9 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tok):
   changed = D.token_stream(str(src), cfg.data, tok, run)
   _check_stream(np.asarray(changed), DOCS[:3], tok)
   assert len(list(run.glob("tokens-*.npy"))) == 2
+  (tmp_path / "afile").write_text("")  # an unusable cache directory only costs the cache
+  np.testing.assert_array_equal(D.token_stream(str(src), cfg.data, tok, tmp_path / "afile" / "x"),
+                                changed)
 
 
 # ----------------------------------------------------------------------------- iterator
