@@ -7,6 +7,7 @@ and `tfds:NAME[:SPLIT]` (ArrayRecord via `tfds.data_source`, no TensorFlow neede
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import hashlib
 import itertools
@@ -272,7 +273,8 @@ def token_stream(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer,
       os.replace(tmp, path)
     except OSError as e:  # a read-only run directory only costs the cache
       log.warning("cannot cache tokens in %s (%s)", path.parent, e.strerror or e)
-      tmp.unlink(missing_ok=True)
+      with contextlib.suppress(OSError):
+        tmp.unlink()
   return tokens
 
 
