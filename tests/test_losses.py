@@ -1,0 +1,200 @@
+"""Maths of the losses: energy score, KL clamp, dropouts, stage losses, FLOP counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from calm import config as config_lib
+from calm import losses
+from calm.models.ar import ARModel
+from calm.models.autoencoder import Autoencoder
+from calm.models.calm import CALM
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def cfg() -> config_lib.ModelConfig:
+  return config_lib.load(ROOT / "configs" / "tiny.yaml").model
+
+
+def naive_energy_terms(x, y, beta):
+  """Direct [N, N, ...] and [N, M, ...] differences (the reference's formulation)."""
+  n = x.shape[0]
+  dxx = jnp.sum(jnp.square(x[:, None] - x[None, :]), -1)
+  dxx = jnp.where(jnp.eye(n, dtype=bool)[:, :, None, None], 0.0, dxx) ** (beta / 2)
+  dxx = jnp.sum(dxx, axis=(0, 1)) / (n * (n - 1))
+  dxy = jnp.mean(jnp.sum(jnp.square(x[:, None] - y[None, :]), -1) ** (beta / 2), axis=(0, 1))
+  return dxx - 2 * dxy, dxx, dxy
+
+
+# ----------------------------------------------------------------------------- energy score
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 1.5])
+def test_energy_score_matches_naive_values_and_gradients(beta):
+  kx, ky = jax.random.split(jax.random.key(0))
+  x = 3.0 + jax.random.normal(kx, (6, 2, 3, 5))  # offset: exercises the centring
+  y = 3.2 + 0.7 * jax.random.normal(ky, (9, 2, 3, 5))
+  got = losses.energy_terms(x, y, beta)
+  want = naive_energy_terms(x, y, beta)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  weights = jax.random.normal(jax.random.key(1), (2, 3))
+  loss = lambda fn: lambda x, y: jnp.sum(weights * fn(x, y, beta)[0])
+  gx, gy = jax.grad(loss(losses.energy_terms), (0, 1))(x, y)
+  nx, ny = jax.grad(loss(naive_energy_terms), (0, 1))(x, y)
+  np.testing.assert_allclose(gx, nx, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gy, ny, rtol=1e-4, atol=1e-6)
+
+
+def test_energy_score_gradient_finite_for_identical_samples():
+  x = jnp.zeros((4, 1, 2, 3))  # collapsed head (e.g. zero-initialised): all distances 0
+  y = jnp.concatenate([jnp.zeros((1, 1, 2, 3)), jnp.ones((3, 1, 2, 3))])  # one target == x
+  g = jax.grad(lambda x: jnp.sum(losses.energy_score(x, y, 1.0)))(x)
+  assert bool(jnp.all(jnp.isfinite(g)))
+  # pairwise term contributes nothing; each sample is pulled towards the three y = 1 targets
+  np.testing.assert_allclose(g, jnp.full_like(g, 2 * 3 / (4 * 4 * math.sqrt(3))), rtol=1e-5)
+
+
+def _expected_abs_normal(mean: float, std: float) -> float:
+  """E|Z| for Z ~ N(mean, std²)."""
+  phi = 0.5 * (1 + math.erf(-mean / (std * math.sqrt(2))))
+  return std * math.sqrt(2 / math.pi) * math.exp(-mean**2 / (2 * std**2)) + mean * (1 - 2 * phi)
+
+
+def test_energy_score_closed_form_one_dimensional_gaussians():
+  """x ~ N(m1, s1²), y ~ N(m2, s2²): score = E|X−X'| − 2E|X−Y| in closed form."""
+  m1, s1, m2, s2 = 0.3, 1.2, -0.4, 0.8
+  kx, ky = jax.random.split(jax.random.key(2))
+  x = m1 + s1 * jax.random.normal(kx, (3000, 1, 1, 1))
+  y = m2 + s2 * jax.random.normal(ky, (3000, 1, 1, 1))
+  _, dxx, dxy = losses.energy_terms(x, y, 1.0)
+  want_xx = 2 * s1 / math.sqrt(math.pi)
+  want_xy = _expected_abs_normal(m1 - m2, math.hypot(s1, s2))
+  assert abs(float(dxx[0, 0]) - want_xx) < 0.03
+  assert abs(float(dxy[0, 0]) - want_xy) < 0.03
+
+
+def test_energy_score_is_maximised_at_the_target_distribution():
+  """Averaged over many positions, N=8 samples from the target beat shifted / scaled ones."""
+  B, S, L, N, M = 1, 400, 4, 8, 100
+  keys = jax.random.split(jax.random.key(3), 2)
+  y = jax.random.normal(keys[0], (M, B, S, L))
+  eps = jax.random.normal(keys[1], (N, B, S, L))
+  candidates = {"target": eps, "shifted": eps + 0.5, "wider": 1.5 * eps, "narrower": 0.6 * eps}
+  scores = {k: float(jnp.mean(losses.energy_score(x, y, 1.0))) for k, x in candidates.items()}
+  best = max(scores, key=scores.get)
+  assert best == "target", scores
+
+
+# ----------------------------------------------------------------------------- AE pieces
+
+
+def test_kl_clamped_per_dimension_with_zero_gradient_below_the_floor():
+  mu = jnp.array([[[0.0, 2.0, 0.5]]])
+  logstd = jnp.zeros_like(mu)
+  # per-dim KL: 0, 2, 0.125 → clamped at 0.5: 0.5 + 2 + 0.5
+  np.testing.assert_allclose(losses.kl_per_chunk(mu, logstd, 0.5), [[3.0]])
+  g = jax.grad(lambda m: jnp.sum(losses.kl_per_chunk(m, logstd, 0.5)))(mu)
+  np.testing.assert_allclose(g, [[[0.0, 2.0, 0.0]]])
+  # unclamped: the exact Gaussian KL, e.g. μ=0, σ=e: 0.5(e² − 1 − 2)
+  np.testing.assert_allclose(losses.kl_per_chunk(jnp.zeros((1, 1, 1)), jnp.ones((1, 1, 1)), 0.0),
+                             [[0.5 * (math.e**2 - 3)]], rtol=1e-6)
+
+
+def test_token_dropout_rate():
+  ids = jnp.full((200, 500), 7, jnp.int32)
+  out = losses.token_dropout(ids, jax.random.key(4), 0.15)
+  dropped = np.asarray(out == 0)
+  assert abs(dropped.mean() - 0.15) < 0.005
+  assert set(np.unique(np.asarray(out))) == {0, 7}
+  np.testing.assert_array_equal(losses.token_dropout(ids, jax.random.key(4), 0.0), ids)
+
+
+def test_latent_dropout_rate_and_scaling():
+  z = jnp.ones((200, 500))
+  out = np.asarray(losses.latent_dropout(z, jax.random.key(5), 0.15))
+  assert abs((out == 0).mean() - 0.15) < 0.005
+  np.testing.assert_allclose(out[out != 0], 1 / 0.85, rtol=1e-6)
+  assert abs(out.mean() - 1.0) < 0.01
+
+
+# ----------------------------------------------------------------------------- stage losses
+
+
+def _loss_and_grad(fn, module, *args):
+  graphdef, state = nnx.split(module)
+
+  @jax.jit
+  def run(state, *args):
+    return jax.value_and_grad(lambda s: fn(nnx.merge(graphdef, s), *args), has_aux=True)(state)
+
+  return run(state, *args)
+
+
+def test_autoencoder_loss(cfg):
+  ae = Autoencoder(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
+  (loss, m), grads = _loss_and_grad(
+      lambda ae, ids, key: losses.autoencoder_loss(ae, ids, key, cfg), ae, ids, jax.random.key(1))
+  a = cfg.autoencoder
+  np.testing.assert_allclose(loss, cfg.chunk_size * m["ce"] + a.kl_weight * m["kl"], rtol=1e-6)
+  # random init: CE ≈ log V, KL ≥ floor · latent dims
+  assert abs(float(m["ce"]) - math.log(cfg.vocab_size)) < 0.5
+  assert float(m["kl"]) >= a.kl_clamp * cfg.latent_dim - 1e-4
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_calm_loss_trains_the_model_not_the_autoencoder(cfg):
+  model = CALM(cfg, rngs=nnx.Rngs(0))
+  ae = Autoencoder(cfg, rngs=nnx.Rngs(1))
+  ids = jax.random.randint(jax.random.key(0), (2, 24), 0, cfg.vocab_size)
+  key = jax.random.key(2)
+  gd_m, st_m = nnx.split(model)
+  gd_a, st_a = nnx.split(ae)
+
+  @jax.jit
+  def grads(st_m, st_a):
+    f = lambda sm, sa: losses.calm_loss(nnx.merge(gd_m, sm), nnx.merge(gd_a, sa), ids, key, cfg)
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(st_m, st_a)
+
+  (loss, m), (g_model, g_ae) = grads(st_m, st_a)
+  np.testing.assert_allclose(-loss, m["energy_score"], rtol=1e-6)
+  np.testing.assert_allclose(m["energy_score"], m["dist_xx"] - 2 * m["dist_xy"], rtol=1e-5)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_ae))
+  # zero-initialised output layer: all samples equal at init, but it receives a gradient
+  assert float(m["dist_xx"]) == 0.0
+  assert float(jnp.max(jnp.abs(g_model["energy_head"]["out_fc2"]["bias"][...]))) > 0
+
+
+def test_ar_loss_is_next_token_cross_entropy(cfg):
+  model = ARModel(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+  loss, m = losses.ar_loss(model, ids)
+  logits = np.asarray(model(ids)[0], np.float64)[:, :-1]
+  logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+  want = -np.mean(np.take_along_axis(logp, np.asarray(ids)[:, 1:, None], -1))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  acc = np.mean(np.argmax(logits, -1) == np.asarray(ids)[:, 1:])
+  np.testing.assert_allclose(m["token_acc"], acc)
+
+
+def test_flops_per_token(cfg):
+  """AR: ≈ 6 × (non-embedding matmul params + LM head) + causal attention."""
+  b, V, T = cfg.backbone, cfg.vocab_size, 64
+  d, f, h = b.hidden_dim, b.ffn_dim, b.head_dim
+  matmul = b.num_layers * (d * h * (2 * b.num_heads + 2 * b.num_kv_heads) + 3 * d * f) + d * V
+  attn = b.num_layers * 2 * (T / 2) * b.num_heads * h
+  assert losses.model_flops_per_token(cfg, "ar", T) == pytest.approx(6 * (matmul + attn))
+  for stage in ("autoencoder", "calm"):
+    assert losses.model_flops_per_token(cfg, stage, T) > 0
+  with pytest.raises(ValueError):
+    losses.model_flops_per_token(cfg, "nope", T)
