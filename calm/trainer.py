@@ -81,11 +81,9 @@ def _load_frozen_autoencoder(cfg: Config, mesh) -> tuple[Any, Any, pathlib.Path]
     raise ConfigError("train.autoencoder: the calm stage needs the autoencoder's run directory")
   ae_dir = pathlib.Path(cfg.train.autoencoder)
   loaded = checkpoint.load_for_inference(ae_dir, mesh=mesh, expect_stage="autoencoder")
-  checkpoint.check_compatible(loaded.config, cfg, keys=(
-      "model.vocab_size", "model.chunk_size", "model.latent_dim", "model.autoencoder.hidden_dim",
-      "model.autoencoder.ffn_dim", "model.autoencoder.num_encoder_layers",
-      "model.autoencoder.num_decoder_layers"), what=f"autoencoder {ae_dir}")
-  graphdef, params = nnx.split(loaded.model, nnx.Param)
+  checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.ARCH_KEYS["autoencoder"],
+                              what=f"autoencoder {ae_dir}")
+  graphdef, params = loaded.graphdef, loaded.params
   return graphdef, params, ae_dir
 
 
@@ -159,7 +157,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
 
   logger = metrics.MetricsLogger(run_dir)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  flops_per_token = losses.model_flops_per_token(cfg, cfg.stage)
+  flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
   peak = cfg.train.peak_flops or metrics.measure_peak_flops()
   tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
   root_key = jax.random.PRNGKey(cfg.seed)
@@ -224,8 +222,9 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
         consume(*pending)
       pending = (step, m_dev)
       bar.update(1)
+      preempted = ckpt.reached_preemption(step)
       boundary = (step % cfg.train.log_every == 0 or step % cfg.checkpoint.every == 0
-                  or step == end or ckpt.preempted or step % cfg.train.eval_every == 0)
+                  or step == end or preempted or step % cfg.train.eval_every == 0)
       if boundary:
         consume(*pending)
         pending = None
@@ -240,9 +239,10 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
         bar.set_postfix(loss=f"{avg['loss']:.4g}", tok_s=f"{tok_s:.0f}")
       if step % cfg.train.eval_every == 0 or step == end:
         run_eval(step)
-      if step % cfg.checkpoint.every == 0 or step == end or ckpt.preempted:
-        ckpt.save(step, params=params, opt_state=opt_state, data_state=it.get_state())
-        if ckpt.preempted:
+      if step % cfg.checkpoint.every == 0 or step == end or preempted:
+        ckpt.save(step, params=params, opt_state=opt_state, data_state=it.get_state(),
+                  loss=history[-1]["loss"])
+        if preempted:
           if main:
             print(f"preempted: saved step {step} in {run_dir}")
           break
