@@ -49,7 +49,7 @@ def resolve_files(spec: str, data_cfg: DataConfig) -> list[pathlib.Path]:
   if not spec:
     raise DataError("empty data source")
   suffixes = TEXT_SUFFIXES + JSON_SUFFIXES
-  if any(c in spec for c in "*?["):
+  if any(c in spec for c in "*?[") and not pathlib.Path(spec).exists():
     files = [pathlib.Path(f) for f in sorted(globlib.glob(spec, recursive=True))]
     files = [f for f in files if f.is_file()]
     if not files:

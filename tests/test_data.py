@@ -82,6 +82,12 @@ def test_jsonl_source_and_glob(tmp_path, tok):
   _check_blocks(D.pack_blocks(tokens, 32), tokens, 32)
 
 
+def test_existing_path_with_glob_characters_is_literal(tmp_path):
+  p = tmp_path / "notes [draft].txt"
+  p.write_text("one\n\ntwo")
+  assert D.read_documents(str(p), _cfg(str(p)).data) == ["one", "two"]
+
+
 def test_json_array_and_custom_text_field(tmp_path):
   (tmp_path / "arr.json").write_text(json.dumps([{"body": "one"}, {"body": " "}, {"body": "two"}]))
   cfg = _cfg(str(tmp_path / "arr.json"), **{"data.text_field": "body"})
