@@ -242,6 +242,17 @@ def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh) -> tuple[nnx.
   return graphdef, state
 
 
+def init_opt_state(tx: Any, params: Any, mesh: Mesh) -> tuple[Any, Any]:
+  """(optax state of `params`, its shardings): moments placed like the parameters they mirror.
+
+  A bare `jax.jit(tx.init)` leaves the placement to XLA, which puts such fresh zeros on a single
+  device.
+  """
+  shardings = state_shardings(jax.eval_shape(tx.init, params), mesh, like=params)
+  with jax.set_mesh(mesh):
+    return jax.jit(tx.init, out_shardings=shardings)(params), shardings
+
+
 def describe(state: Any) -> str:
   """One line per array: path, shape, spec (for logs); also takes a tree of shardings."""
   lines = []

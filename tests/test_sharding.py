@@ -194,9 +194,15 @@ def test_optimizer_state_mirrors_param_shardings(toy222, mesh222):
   opt = nnx.Optimizer(nnx.merge(graphdef, state), tx, wrt=nnx.Param)
   o_sh = sharding.state_shardings(nnx.state(opt), mesh)
   assert o_sh["opt_state"][0]["mu"]["squeeze"].get_value().spec == P(None, "fsdp")
-  # and a jitted init lands there
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(state)
-  assert opt_state[0].mu["embed"][...].sharding.spec == P("tensor", "fsdp")
+  # init_opt_state places a chained, masked optimizer's moments like the parameters
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+  opt_state, shardings = sharding.init_opt_state(tx, state, mesh)
+  adam = opt_state[1][0]
+  assert adam.mu["embed"][...].sharding.spec == P("tensor", "fsdp")
+  assert adam.nu["blocks"][1]["up"][...].sharding.spec == P("fsdp", "tensor")
+  assert adam.count.sharding == NamedSharding(mesh, P())
+  assert jax.tree.map(lambda x: x.sharding, opt_state) == shardings
 
 
 def test_abstract_state_carries_shardings_without_allocating(mesh222):
