@@ -1,0 +1,278 @@
+"""BrierLM of a CALM or AR checkpoint on held-out documents.
+
+`python -m calm.evaluate --config CONFIG [key=value ...]` with `stage` = calm or ar, `run_dir`
+the run to evaluate (latest checkpoint) and, for calm, `train.autoencoder` its autoencoder run.
+
+Protocol: each document (its tokens + EOS) is cut into consecutive blocks of `eval.block_tokens`;
+context restarts at every block. CALM is scored at every chunk position whose next 4 tokens lie in
+the block; the AR baseline at every K-th token position (the same positions as a CALM with the
+same K). Scores are means over scored positions; uncertainty treats documents as independent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calm import brier
+from calm.errors import CalmError, ConfigError, cli
+from calm.models.transformer import KVCache
+from calm.sampling import decode_candidates
+
+NGRAMS = brier.NGRAMS
+
+
+def _branch(cache: KVCache, rows_R: jax.Array, length_R: jax.Array) -> KVCache:
+  """Private copies of cache rows, truncated to `length_R` (continuations overwrite the rest)."""
+  return KVCache(cache.k[:, rows_R], cache.v[:, rows_R], length_R)
+
+
+# ----------------------------------------------------------------------------- CALM
+
+
+def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array,
+                      group: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Brier-1..4 estimates at chunk positions of token blocks → (brier_BP4, scored_BP).
+
+  Position s reads chunks 0..s and is scored against the next 4 tokens (chunks s+1, …). Two head
+  samples per position decoded by argmax. K ≥ 4: x1, x2 are the two samples. K < 4 (m = ⌈4/K⌉
+  chunks): accuracy terms multiply match indicators of independent samples at positions
+  s, …, s+m−1 on the TRUE prefix (expectation ∏ P(y-chunk | true prefix) = P(y[:n])); the
+  collision term continues along sample 1's path with the KV cache, drawing two samples per step
+  (expectation Σ_u P(u)² over n-grams, as in the reference). P = S − m positions; `group` > 0
+  bounds how many positions are continued at once.
+  """
+  B, T = ids_BT.shape
+  K = calm.chunk_size
+  S = T // K
+  m = -(-NGRAMS // K)
+  P = S - m
+  chunks_BSK = ids_BT.reshape(B, S, K)
+  cache = calm.init_cache(B, S + m)
+  h_BSD, cache = calm.hidden(chunks_BSK[:, :-1], cache=cache)
+  D = h_BSD.shape[-1]
+  ks, kc = jax.random.split(key)
+  x_BS2K = decode_candidates(calm, ae, h_BSD.reshape(-1, D), ks, 2).reshape(B, S - 1, 2, K)
+  y_BPT = jnp.stack([chunks_BSK[:, 1 + j:1 + j + P] for j in range(m)], axis=2).reshape(B, P, -1)
+  x1_BPT = jnp.stack([x_BS2K[:, j:j + P, 0] for j in range(m)], axis=2).reshape(B, P, -1)
+  x2_BPT = jnp.stack([x_BS2K[:, j:j + P, 1] for j in range(m)], axis=2).reshape(B, P, -1)
+  if m == 1:
+    return brier.brier_terms_from_samples(x1_BPT, x2_BPT, y_BPT), jnp.ones((B, P), bool)
+
+  def cumeq(a, b):
+    return jnp.cumprod((a[..., :NGRAMS] == b[..., :NGRAMS]).astype(jnp.float32), axis=-1)
+
+  acc_BP4 = cumeq(x1_BPT, y_BPT) + cumeq(x2_BPT, y_BPT)
+  # Collision along sample 1's path: rows (b, s) continue from cache length s + 1.
+  G = P if group <= 0 else min(group, P)
+  n_groups = -(-P // G)
+
+  def collide(gi):
+    s_G = jnp.minimum(gi * G + jnp.arange(G), P - 1)
+    rows_R = jnp.repeat(jnp.arange(B), G)
+    s_R = jnp.tile(s_G, B)
+    c = _branch(cache, rows_R, s_R + 1)
+    a_RK, b_RK = x_BS2K[rows_R, s_R, 0], x_BS2K[rows_R, s_R, 1]
+    a_list, b_list = [a_RK], [b_RK]
+    for j in range(1, m):
+      h_R1D, c = calm.hidden(a_list[-1][:, None], cache=c)
+      ab_R2K = decode_candidates(calm, ae, h_R1D[:, 0], jax.random.fold_in(kc, gi * m + j), 2)
+      a_list.append(ab_R2K[:, 0])
+      b_list.append(ab_R2K[:, 1])
+    coll_R4 = cumeq(jnp.concatenate(a_list, -1), jnp.concatenate(b_list, -1))
+    return coll_R4.reshape(B, G, NGRAMS)
+
+  coll_BP4 = jnp.concatenate([collide(g) for g in range(n_groups)], axis=1)[:, :P]
+  return acc_BP4 - coll_BP4, jnp.ones((B, P), bool)
+
+
+# ----------------------------------------------------------------------------- AR baseline
+
+
+def ar_positions(T: int, stride: int) -> np.ndarray:
+  """Scored token positions p (predicting tokens p..p+3 from tokens < p) of a block."""
+  return np.arange(stride, T - NGRAMS + 1, stride)
+
+
+def ar_block_scores(model, ids_BT: jax.Array, key: jax.Array, stride: int,
+                    group: int = 0) -> jax.Array:
+  """Brier-1..4 at `ar_positions` (see `brier.brier_terms_from_logits`) → [B, P, 4].
+
+  Sample 1's path (3 tokens) is continued with the KV cache: each scored position gets a private
+  copy of the block's cache truncated to its prefix.
+  """
+  B, T = ids_BT.shape
+  pos_P = jnp.asarray(ar_positions(T, stride))
+  P = pos_P.shape[0]
+  cache = model.init_cache(B, T + NGRAMS)
+  logits_BTV, cache = model(ids_BT, cache=cache)
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  steps_4 = jnp.arange(NGRAMS)
+  true_BP4V = logits_BTV[:, pos_P[:, None] - 1 + steps_4]
+  y_BP4 = ids_BT[:, pos_P[:, None] + steps_4]
+  G = P if group <= 0 else min(group, P)
+
+  def path(gi):
+    p_G = pos_P[jnp.minimum(gi * G + jnp.arange(G), P - 1)]
+    rows_R = jnp.repeat(jnp.arange(B), G)
+    c = _branch(cache, rows_R, jnp.tile(p_G, B))
+    logits = [logits_BTV[rows_R, jnp.tile(p_G, B) - 1]]
+    toks = []
+    for j in range(NGRAMS - 1):
+      toks.append(jax.random.categorical(jax.random.fold_in(key, gi * NGRAMS + j), logits[-1]))
+      step_R1V, c = model(toks[-1][:, None].astype(jnp.int32), cache=c)
+      logits.append(step_R1V[:, 0].astype(jnp.float32))
+    return (jnp.stack(logits, 1).reshape(B, G, NGRAMS, -1),
+            jnp.stack(toks, 1).reshape(B, G, NGRAMS - 1))
+
+  outs = [path(g) for g in range(-(-P // G))]
+  path_BP4V = jnp.concatenate([o[0] for o in outs], axis=1)[:, :P]
+  x1_BP3 = jnp.concatenate([o[1] for o in outs], axis=1)[:, :P]
+  return brier.brier_terms_from_logits(true_BP4V, y_BP4, path_BP4V, x1_BP3)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def document_blocks(docs: Sequence[np.ndarray], block_tokens: int, multiple: int,
+                    pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Cuts each document into blocks → (ids [N, block], real-token count [N], doc index [N]).
+
+  A document's last block is truncated to a multiple of `multiple` and padded with `pad_id`.
+  """
+  blocks, lens, owners = [], [], []
+  for d, doc in enumerate(docs):
+    for start in range(0, len(doc), block_tokens):
+      piece = np.asarray(doc[start:start + block_tokens], np.int32)
+      piece = piece[:len(piece) - len(piece) % multiple]
+      if len(piece) <= NGRAMS:
+        continue
+      out = np.full(block_tokens, pad_id, np.int32)
+      out[:len(piece)] = piece
+      blocks.append(out)
+      lens.append(len(piece))
+      owners.append(d)
+  if not blocks:
+    raise CalmError(f"no document has more than {NGRAMS} tokens to score")
+  return np.stack(blocks), np.asarray(lens), np.asarray(owners)
+
+
+def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, block_tokens: int,
+                    chunk_size: int, batch_size: int, seed: int, pad_id: int,
+                    group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Per-position Brier-1..4 over documents → (brier [N, 4], document index [N]).
+
+  kind: "calm" with models = (calm, ae), or "ar" with models = (ar,).
+  """
+  ids, lens, owners = document_blocks(docs, block_tokens, chunk_size, pad_id)
+  defs, states = zip(*(nnx.split(m) for m in models))
+  K = chunk_size
+  if kind == "calm":
+    m = -(-NGRAMS // K)
+    # position s is scored when its target tokens [(s+1)K, (s+1+m)K) are real
+    first_tok = (np.arange(block_tokens // K - m) + 1 + m) * K
+  elif kind == "ar":
+    first_tok = ar_positions(block_tokens, K) + NGRAMS
+  else:
+    raise ConfigError(f"stage must be calm or ar for BrierLM, got {kind!r}")
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def run(defs, states, ids_BT, key):
+    ms = [nnx.merge(d, s) for d, s in zip(defs, states)]
+    if kind == "calm":
+      return calm_block_scores(ms[0], ms[1], ids_BT, key, group)[0]
+    return ar_block_scores(ms[0], ids_BT, key, K, group)
+
+  key = jax.random.key(seed)
+  out, doc_of = [], []
+  n = len(ids)
+  for i in range(0, n, batch_size):
+    batch = np.zeros((batch_size, block_tokens), np.int32) + pad_id
+    take = min(batch_size, n - i)
+    batch[:take] = ids[i:i + take]
+    scores = np.asarray(run(defs, states, jnp.asarray(batch), jax.random.fold_in(key, i)))
+    for r in range(take):
+      valid = first_tok <= lens[i + r]
+      out.append(scores[r][valid])
+      doc_of.append(np.full(int(valid.sum()), owners[i + r]))
+  return np.concatenate(out), np.concatenate(doc_of)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def format_table(summary: dict) -> str:
+  rows = [f"{'metric':<10} {'value':>9} {'stderr':>9}"]
+  for n in range(NGRAMS):
+    rows.append(f"Brier-{n + 1:<4} {summary['brier'][n]:>9.4f} {summary['brier_se'][n]:>9.4f}")
+  lo, hi = summary["brierlm_ci95"]
+  rows.append(f"{'BrierLM':<10} {summary['brierlm']:>9.3f} {summary['brierlm_se']:>9.3f}"
+              f"   95% CI [{lo:.3f}, {hi:.3f}]")
+  return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from calm import checkpoint, config, data, tokenizer
+
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  ap.add_argument("--out", default="", help="JSON path (default RUN_DIR/brierlm.json)")
+  ap.add_argument("overrides", nargs="*")
+  args = ap.parse_args(argv)
+  cfg = config.load(args.config, args.overrides)
+  if cfg.stage not in ("calm", "ar"):
+    raise ConfigError(f"stage: BrierLM needs a calm or ar run, got {cfg.stage}")
+  source = cfg.eval.data or cfg.data.eval
+  if not source:
+    raise ConfigError("eval.data: name the held-out documents (e.g. eval.data=PATH)")
+  loaded = checkpoint.load_for_inference(cfg.run_dir, step=args.step, expect_stage=cfg.stage)
+  models = (loaded.model,)
+  ckpts = {cfg.stage: f"{loaded.run_dir} step {loaded.step}"}
+  tok_cfg = cfg
+  if cfg.stage == "calm":
+    ae_dir = loaded.config.train.autoencoder or cfg.train.autoencoder
+    if not ae_dir:
+      raise ConfigError("train.autoencoder: the calm run's autoencoder directory is unknown")
+    ae = checkpoint.load_for_inference(ae_dir, expect_stage="autoencoder")
+    models += (ae.model,)
+    ckpts["autoencoder"] = f"{ae.run_dir} step {ae.step}"
+    if not cfg.data.tokenizer and (pathlib.Path(ae_dir) / "tokenizer.json").is_file():
+      tok_cfg = config.replace(cfg, **{"data.tokenizer": str(pathlib.Path(ae_dir) /
+                                                            "tokenizer.json")})
+  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir)
+  docs = data.tokenized_documents(source, cfg.data, tok)
+  if cfg.eval.max_documents:
+    docs = docs[:cfg.eval.max_documents]
+  K = loaded.config.model.chunk_size
+  t0 = time.time()
+  est, doc_ids = score_documents(cfg.stage, models, docs, block_tokens=cfg.eval.block_tokens,
+                                 chunk_size=K, batch_size=cfg.eval.batch_size,
+                                 seed=cfg.eval.seed, pad_id=tok.pad_id)
+  summary = brier.summarize(est, doc_ids, seed=cfg.eval.seed)
+  summary["protocol"] = {
+      "stage": cfg.stage, "data": source, "block_tokens": cfg.eval.block_tokens,
+      "chunk_size": K, "positions": "every chunk boundary" if cfg.stage == "calm"
+      else f"every {K}th token", "scored_positions": summary["positions"],
+      "documents": summary["documents"], "seed": cfg.eval.seed, "checkpoints": ckpts,
+      "seconds": round(time.time() - t0, 2)}
+  print(format_table(summary))
+  print(json.dumps(summary["protocol"]))
+  out = pathlib.Path(args.out or pathlib.Path(cfg.run_dir) / "brierlm.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(cli(main)())

@@ -1,0 +1,211 @@
+"""Batched generation with a KV cache for CALM (chunk by chunk) and the AR baseline (token by token).
+
+Prompts of any length: a CALM prompt is LEFT-padded with the pad id to a multiple of K, so its
+last chunk is complete and generation continues right after the real text (the reference
+right-pads, which puts pad tokens between the prompt and the continuation). Rows of different
+lengths share one batch: they are stored left-aligned, right-padded to the longest, and each
+row's cache length is set to its own length after the prefill (padding slots are overwritten
+before any query can see them). Each (batch, prompt length, max length, sampler) compiles once;
+the decode loop is a `lax.while_loop` over fixed-shape buffers that stops when every row has
+produced EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calm import temperature as temp_lib
+from calm.errors import CalmError
+from calm.models.transformer import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSampler:
+  """How CALM picks each next chunk: T = 1 one head sample; T < 1 `exact` or `batch`."""
+
+  temperature: float = 1.0
+  kind: str = "exact"  # "exact" | "batch"
+  num_candidates: int = 200
+  max_attempts: int = 1000
+
+  def __post_init__(self):
+    temp_lib.validate_temperature(self.temperature)
+    if self.kind not in ("exact", "batch"):
+      raise CalmError(f"sampler must be exact or batch, got {self.kind!r}")
+    if self.num_candidates < 1 or self.max_attempts < 1:
+      raise CalmError("num_candidates and max_attempts must be >= 1")
+
+
+def decode_candidates(calm, ae, h_BD: jax.Array, key: jax.Array, num: int) -> jax.Array:
+  """`num` chunks per row: head samples decoded by the AE with argmax → int32 [B, num, K].
+
+  Row b's noise comes from fold_in(key, b), so a row's draws do not depend on the batch size.
+  """
+  B = h_BD.shape[0]
+  noise_BNU = jax.vmap(lambda b: jax.random.uniform(
+      jax.random.fold_in(key, b), (num, calm.noise_dim), jnp.float32, -0.5, 0.5))(jnp.arange(B))
+  z_BNL = calm.head(h_BD[:, None, :], noise_BNU)
+  return jnp.argmax(ae.decode(z_BNL), axis=-1).astype(jnp.int32)
+
+
+def next_chunk(calm, ae, h_BD: jax.Array, key: jax.Array,
+               sampler: ChunkSampler) -> tuple[jax.Array, jax.Array]:
+  """One chunk per row ∝ P(x)^{1/T} → (chunk_BK, draws_B); draws = candidates used per row."""
+  B = h_BD.shape[0]
+  if sampler.temperature == 1.0:
+    return decode_candidates(calm, ae, h_BD, key, 1)[:, 0], jnp.ones((B,), jnp.int32)
+  if sampler.kind == "batch":
+    ck, sk = jax.random.split(key)
+    cand_BNK = decode_candidates(calm, ae, h_BD, ck, sampler.num_candidates)
+    draws_B = jnp.full((B,), sampler.num_candidates, jnp.int32)
+    return temp_lib.batch_sample(cand_BNK, sk, sampler.temperature), draws_B
+  draw = lambda k: decode_candidates(calm, ae, h_BD, k, 1)[:, 0]
+  chunk_BK, ok_B, draws_B = temp_lib.exact_sample(draw, key, sampler.temperature,
+                                                  sampler.max_attempts)
+  return chunk_BK, jnp.where(ok_B, draws_B, -draws_B)  # negative: hit the cap
+
+
+def _ragged(rows: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads each row to a multiple of `multiple`, right-pads to the longest → (ids, lengths)."""
+  if not rows or any(len(r) == 0 for r in rows):
+    raise CalmError("every prompt needs at least one token")
+  padded = [[pad_id] * (-len(r) % multiple) + list(r) for r in rows]
+  lens = np.array([len(r) for r in padded], np.int32)
+  out = np.full((len(rows), int(lens.max())), pad_id, np.int32)
+  for i, r in enumerate(padded):
+    out[i, :len(r)] = r
+  return out, lens
+
+
+@functools.partial(jax.jit, static_argnames=("calm_def", "ae_def", "max_chunks", "sampler",
+                                             "eos_id", "pad_id"))
+def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B, key, *,
+                   max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int):
+  calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
+  B, S, K = prompt_BSK.shape
+  cache = calm.init_cache(B, S + max_chunks)
+  h_BSD, cache = calm.hidden(prompt_BSK, cache=cache)
+  cache = KVCache(cache.k, cache.v, chunks_B)
+  h_BD = h_BSD[jnp.arange(B), chunks_B - 1]
+  out_BMK = jnp.full((B, max_chunks, K), pad_id, jnp.int32)
+
+  def cond(c):
+    i, _, _, _, done_B, _ = c
+    return (i < max_chunks) & ~jnp.all(done_B)
+
+  def body(c):
+    i, h_BD, cache, out_BMK, done_B, draws_BM = c
+    chunk_BK, draws_B = next_chunk(calm, ae, h_BD, jax.random.fold_in(key, i), sampler)
+    chunk_BK = jnp.where(done_B[:, None], pad_id, chunk_BK)
+    out_BMK = out_BMK.at[:, i].set(chunk_BK)
+    draws_BM = draws_BM.at[:, i].set(jnp.where(done_B, 0, draws_B))
+    done_B = done_B | jnp.any(chunk_BK == eos_id, axis=-1)
+    h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=cache)
+    return i + 1, h_B1D[:, 0], cache, out_BMK, done_B, draws_BM
+
+  init = (jnp.int32(0), h_BD, cache, out_BMK, jnp.zeros((B,), bool),
+          jnp.zeros((B, max_chunks), jnp.int32))
+  _, _, _, out_BMK, _, draws_BM = jax.lax.while_loop(cond, body, init)
+  return out_BMK, draws_BM
+
+
+def _trim(ids: np.ndarray, eos_id: int) -> list[int]:
+  """Tokens up to and including the first EOS."""
+  hits = np.flatnonzero(ids == eos_id)
+  return ids[:hits[0] + 1].tolist() if hits.size else ids.tolist()
+
+
+def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+                  max_new_tokens: int, sampler: ChunkSampler = ChunkSampler(), eos_id: int,
+                  pad_id: int) -> tuple[list[list[int]], dict]:
+  """Continues each prompt (token ids) with CALM → (new tokens per row up to EOS, stats).
+
+  stats: draws per generated chunk (`mean_draws`) and the number of chunks whose exact sampler
+  hit `max_attempts` (`capped`, returned as its fallback).
+  """
+  K = calm.chunk_size
+  ids, lens = _ragged(prompts, pad_id, K)
+  prompt_BSK = jnp.asarray(ids.reshape(len(prompts), -1, K))
+  max_chunks = -(-max_new_tokens // K)
+  calm_def, calm_state = nnx.split(calm)
+  ae_def, ae_state = nnx.split(ae)
+  out_BMK, draws_BM = _calm_generate(
+      calm_def, calm_state, ae_def, ae_state, prompt_BSK, jnp.asarray(lens // K), key,
+      max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+  out = np.asarray(out_BMK).reshape(len(prompts), -1)
+  draws = np.asarray(draws_BM)
+  used = draws != 0
+  stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
+           "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
+  return [_trim(r, eos_id)[:max_new_tokens] for r in out], stats
+
+
+# ----------------------------------------------------------------------------- AR baseline
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Temperature, then top-k (0 = off), then nucleus top-p (1 = off) → token ids [B]."""
+  if not temperature > 0:
+    raise CalmError(f"temperature must be > 0, got {temperature}")
+  logits = logits_BV.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth_B1 = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
+    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff_B1, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "max_new", "temperature", "top_k",
+                                             "top_p", "eos_id", "pad_id"))
+def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temperature: float,
+                 top_k: int, top_p: float, eos_id: int, pad_id: int):
+  model = nnx.merge(model_def, state)
+  B, T = prompt_BT.shape
+  cache = model.init_cache(B, T + max_new)
+  logits_BTV, cache = model(prompt_BT, cache=cache)
+  cache = KVCache(cache.k, cache.v, lens_B)
+  logits_BV = logits_BTV[jnp.arange(B), lens_B - 1]
+  out_BM = jnp.full((B, max_new), pad_id, jnp.int32)
+
+  def cond(c):
+    return (c[0] < max_new) & ~jnp.all(c[4])
+
+  def body(c):
+    i, logits_BV, cache, out_BM, done_B = c
+    tok_B = sample_logits(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+    tok_B = jnp.where(done_B, pad_id, tok_B)
+    out_BM = out_BM.at[:, i].set(tok_B)
+    done_B = done_B | (tok_B == eos_id)
+    logits_B1V, cache = model(tok_B[:, None], cache=cache)
+    return i + 1, logits_B1V[:, 0], cache, out_BM, done_B
+
+  init = (jnp.int32(0), logits_BV, cache, out_BM, jnp.zeros((B,), bool))
+  return jax.lax.while_loop(cond, body, init)[3]
+
+
+def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_new_tokens: int,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
+                pad_id: int) -> list[list[int]]:
+  """Continues each prompt token by token → new tokens per row up to EOS."""
+  if not (temperature > 0 and 0.0 < top_p <= 1.0 and top_k >= 0):
+    raise CalmError("need temperature > 0, top_p in (0, 1], top_k >= 0")
+  ids, lens = _ragged(prompts, pad_id, 1)
+  model_def, state = nnx.split(model)
+  out = _ar_generate(model_def, state, jnp.asarray(ids), jnp.asarray(lens), key,
+                     max_new=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                     top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
+  return [_trim(r, eos_id) for r in np.asarray(out)]
