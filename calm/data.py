@@ -342,13 +342,21 @@ class TrainIterator(grain.DatasetIterator):
     return {"grain": self._parent.get_state(), **self._meta}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Restores a position; a changed global batch resumes at the same block (rounded down)."""
     for k, v in self._meta.items():
-      if k in state and state[k] != v:
+      if k != "global_batch" and k in state and state[k] != v:
         raise DataError(f"data iterator state was saved with {k}={state[k]}, but the current "
                         f"data gives {k}={v}; the data position cannot be resumed")
-    if "grain" not in state:
+    if not isinstance(state.get("grain"), dict):
       raise DataError("data iterator state is malformed (no 'grain' entry)")
-    self._parent.set_state(state["grain"])
+    inner = dict(state["grain"])
+    new_batch = self._meta["global_batch"]
+    old_batch = state.get("global_batch", new_batch)
+    if old_batch != new_batch and "next_index" in inner:
+      inner["next_index"] = inner["next_index"] * old_batch // new_batch
+      log.warning("train.batch_size changed from %d to %d: resuming the data stream at block %d",
+                  old_batch, new_batch, inner["next_index"] * new_batch)
+    self._parent.set_state(inner)
 
 
 def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | None, *,

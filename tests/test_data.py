@@ -336,6 +336,19 @@ def test_restore_rejects_a_different_stream():
   other = D.TrainIterator(_labelled_blocks(21), global_batch=4, seed=0, prefetch=0)
   with pytest.raises(DataError, match="num_blocks=20.*num_blocks=21"):
     other.set_state(state)
+  with pytest.raises(DataError, match="seed=0.*seed=1"):
+    D.TrainIterator(_labelled_blocks(20), global_batch=4, seed=1, prefetch=0).set_state(state)
+
+
+def test_changed_global_batch_resumes_at_the_same_block():
+  blocks = _labelled_blocks(40)
+  it = D.TrainIterator(blocks, global_batch=4, seed=9, prefetch=0)
+  _take(it, 3)  # 12 blocks consumed
+  state = it.get_state()
+  rest = np.concatenate(_take(it, 6))[:, 0]  # the next 24 blocks of the stream
+  big = D.TrainIterator(blocks, global_batch=6, seed=9, prefetch=0)
+  big.set_state(state)
+  np.testing.assert_array_equal(np.concatenate(_take(big, 4))[:, 0], rest)
 
 
 def test_process_shards_tile_the_global_batch_and_share_state():
