@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm.config import ModelConfig
+from calm.config import Config, ModelConfig
 
 Metrics = dict[str, jax.Array]
 
@@ -159,11 +159,19 @@ def _ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
   return enc, dec
 
 
-def model_flops_per_token(cfg: ModelConfig, stage: str, seq_tokens: int) -> float:
-  """Training FLOPs per token: 6·(matmul MACs) for trained parts (forward + backward),
-  2·MACs for frozen forward-only parts. Causal attention counts the average context (T/2).
-  Embedding lookups, norms and elementwise ops are not counted.
+def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
+                          seq_tokens: int | None = None) -> float:
+  """Training FLOPs per token (for MFU): 6·MACs of trained matmuls (forward + backward), 2·MACs
+  of frozen forward-only ones (the AE encoder in the calm stage). Causal attention counts the
+  average context (half the sequence). Embedding lookups, norms and elementwise ops are not
+  counted. With a full `Config`, `stage` and `seq_tokens` default to its stage and block size.
   """
+  if isinstance(cfg, Config):
+    stage = stage or cfg.stage
+    seq_tokens = seq_tokens or cfg.data.block_tokens
+    cfg = cfg.model
+  if stage is None or seq_tokens is None:
+    raise ValueError("model_flops_per_token needs stage and seq_tokens with a ModelConfig")
   K = cfg.chunk_size
   if stage == "autoencoder":
     enc, dec = _ae_macs_per_chunk(cfg)

@@ -198,3 +198,5 @@ def test_flops_per_token(cfg):
     assert losses.model_flops_per_token(cfg, stage, T) > 0
   with pytest.raises(ValueError):
     losses.model_flops_per_token(cfg, "nope", T)
+  full = config_lib.load(ROOT / "configs" / "tiny.yaml", ["stage=ar", "data.block_tokens=64"])
+  assert losses.model_flops_per_token(full) == losses.model_flops_per_token(cfg, "ar", T)
