@@ -165,14 +165,20 @@ def _sample_texts(docs: Sequence[str], max_bytes: int) -> list[str]:
   return out
 
 
-def get_tokenizer(cfg: Config, run_dir: str | os.PathLike) -> Tokenizer:
-  """cfg.data.tokenizer, else run_dir/tokenizer.json, else a BPE trained on the training data."""
+def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *,
+                  train_if_missing: bool = True) -> Tokenizer:
+  """cfg.data.tokenizer, else run_dir/tokenizer.json, else a BPE trained on the training data.
+
+  With `train_if_missing=False` (inference), a missing tokenizer is a DataError instead.
+  """
   run_path = pathlib.Path(run_dir)
   local = run_path / "tokenizer.json"
   if cfg.data.tokenizer:
     tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
   elif local.is_file():
     tok, where = load_tokenizer(local), str(local)
+  elif not train_if_missing:
+    raise DataError(f"no tokenizer: {local} does not exist and data.tokenizer is not set")
   else:
     from calm.data import read_documents  # local import: data depends on this module
 

@@ -121,6 +121,8 @@ def _cfg(**kw) -> config.Config:
 def test_get_tokenizer_trains_once_then_reuses(tmp_path, demo_data):
   cfg = _cfg(**{"data.train": str(demo_data / "train" / "pg41.txt")})
   run = tmp_path / "run"
+  with pytest.raises(DataError, match="no tokenizer"):
+    get_tokenizer(cfg, run, train_if_missing=False)
   first = get_tokenizer(cfg, run)
   assert (run / "tokenizer.json").is_file() and first.vocab_size == 300
   # A different training source is ignored once run/tokenizer.json exists.
