@@ -332,7 +332,8 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def should_save(self, step: int) -> bool:
-    return step % self.every == 0 or self.preempted
+    """A multiple of `checkpoint.every`, or a preemption (agreed by all processes)."""
+    return step % self.every == 0 or self.reached_preemption(step)
 
   # -- saving
   def save(self, step: int, *, params: Any, opt_state: Any = None, data_state: dict | None = None,
@@ -361,7 +362,8 @@ class Checkpointer:
     return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
 
   def maybe_save(self, step: int, **state: Any) -> bool:
-    """Saves on multiples of `checkpoint.every` and after a preemption signal."""
+    """Saves on multiples of `checkpoint.every` and after a preemption signal (call it at
+    every step on every process)."""
     return self.save(step, **state) if self.should_save(step) else False
 
   def save_now(self, step: int, **state: Any) -> bool:
@@ -436,10 +438,7 @@ class Checkpointer:
     `expect_config`, the stage, the architecture keys and the autoencoder fingerprint are
     checked first.
     """
-    where = str(self.directory)
-    step = _pick_step(self.directory, step) if step is None else step
-    if step not in self._mngr.all_steps():
-      _pick_step(self.directory, step)  # raises with the list of steps
+    step = _pick_step(self.directory, step)
     where = str(self.directory / str(step))
     _, meta = read_metadata(self.directory, step)
     if expect_config is not None:
