@@ -234,7 +234,7 @@ def test_calm_document_scores(K):
   from calm.models.autoencoder import Autoencoder
   from calm.models.calm import CALM
 
-  cfg = _tiny_cfg(**{"model.chunk_size": K}) if False else _tiny_cfg(chunk_size=K)
+  cfg = _tiny_cfg(chunk_size=K)
   calm, ae = CALM(cfg, rngs=nnx.Rngs(0)), Autoencoder(cfg, rngs=nnx.Rngs(1))
   docs = [np.arange(5, 5 + 37) % 500, np.arange(30) % 7 + 10, np.arange(3) + 1]
   est, doc_ids = evaluate.score_documents("calm", (calm, ae), docs, block_tokens=16,
@@ -246,7 +246,5 @@ def test_calm_document_scores(K):
       n = (min(16, len(d) - start) // K) * K
       expected += max(n // K - m, 0)
   assert len(est) == expected and set(np.unique(doc_ids)) == {0, 1}
-  assert est.shape[1] == 4 and np.all(est <= 2) and np.all(est >= -1)
-  # Brier-n is non-increasing in n for the indicator estimators' accuracy part;
-  # collision of two random-init samples: the head output is 0 at init, so samples agree.
-  np.testing.assert_array_equal(est[:, 0] >= -1, True)
+  # indicator estimators take values in {-1, 0, 1, 2}
+  assert est.shape[1] == 4 and set(np.unique(est)) <= {-1.0, 0.0, 1.0, 2.0}
