@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     if not cfg.data.tokenizer and (pathlib.Path(ae_dir) / "tokenizer.json").is_file():
       tok_cfg = config.replace(cfg, **{"data.tokenizer": str(pathlib.Path(ae_dir) /
                                                             "tokenizer.json")})
-  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir)
+  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir, train_if_missing=False)
   prompt = tok.encode(text) or [tok.eos_id]
   prompts = [prompt] * s.num_samples
   key = jax.random.key(s.seed)

@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.data.tokenizer and (pathlib.Path(ae_dir) / "tokenizer.json").is_file():
       tok_cfg = config.replace(cfg, **{"data.tokenizer": str(pathlib.Path(ae_dir) /
                                                             "tokenizer.json")})
-  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir)
+  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir, train_if_missing=False)
   docs = data.tokenized_documents(source, cfg.data, tok)
   if cfg.eval.max_documents:
     docs = docs[:cfg.eval.max_documents]
