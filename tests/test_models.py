@@ -26,8 +26,27 @@ def cfg() -> config_lib.ModelConfig:
   return config_lib.load(ROOT / "configs" / "tiny.yaml").model
 
 
-def _count(module: nnx.Module) -> int:
-  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))
+def build(make, cfg, seed: int = 0, randomise: bool = False) -> nnx.Module:
+  """Constructs a model in one jitted call; `randomise` re-draws every parameter ~ N(0, 0.3²)
+  (so zero-initialised layers do not hide anything)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(cfg, rngs=nnx.Rngs(seed))))
+
+  @jax.jit
+  def init():
+    state = nnx.state(make(cfg, rngs=nnx.Rngs(seed)))
+    if randomise:
+      leaves, treedef = jax.tree.flatten(state)
+      keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+      state = jax.tree.unflatten(
+          treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return state
+
+  return nnx.merge(graphdef, init())
+
+
+def _count(make, cfg) -> int:
+  abstract = nnx.eval_shape(lambda: make(cfg, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
 def _backbone_count(cfg: config_lib.ModelConfig) -> int:
@@ -45,22 +64,23 @@ def test_parameter_counts(cfg):
   ae_expected = (V * d + (a.num_encoder_layers + a.num_decoder_layers) * block
                  + (K * d * d + d) + d + (d * 2 * L + 2 * L)  # squeeze, norm, to_latent
                  + (L * d + d) + (d * K * d + K * d) + d)  # from_latent, expand, norm
-  assert _count(Autoencoder(cfg, rngs=nnx.Rngs(0))) == ae_expected
+  assert _count(Autoencoder, cfg) == ae_expected
 
   D, U, nb = cfg.backbone.hidden_dim, cfg.head.noise_dim, cfg.head.num_blocks
   compress = (K * D * 2 * D + 2 * D) + (2 * D * D + D) + 2 * D
   head_block = 2 * D + (2 * D * D + D) + (D * D + D) + (D * 2 * D + 2 * D) + (D * D + D)
   head = (U * D + D) + (D * D + D) + 4 * D + nb * head_block + 2 * D + (D * D + D) + (D * L + L)
-  assert _count(CALM(cfg, rngs=nnx.Rngs(0))) == V * D + compress + _backbone_count(cfg) + head
+  assert _count(CALM, cfg) == V * D + compress + _backbone_count(cfg) + head
 
-  assert _count(ARModel(cfg, rngs=nnx.Rngs(0))) == 2 * V * D + _backbone_count(cfg)
+  assert _count(ARModel, cfg) == 2 * V * D + _backbone_count(cfg)
   tied = dataclasses.replace(cfg, tie_ar_embeddings=True)
-  assert _count(ARModel(tied, rngs=nnx.Rngs(0))) == V * D + _backbone_count(cfg)
+  assert _count(ARModel, tied) == V * D + _backbone_count(cfg)
 
 
 @pytest.mark.parametrize("make", [Autoencoder, CALM, ARModel])
 def test_every_param_has_logical_axes(cfg, make):
-  params = nnx.to_flat_state(nnx.state(make(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  abstract = nnx.eval_shape(lambda: make(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   assert len(params) > 10
   for path, var in params:
     names = var.get_metadata().get("out_sharding")
@@ -72,18 +92,18 @@ def test_every_param_has_logical_axes(cfg, make):
 def test_shapes(cfg):
   B, S, K, V, L, N = 2, 5, cfg.chunk_size, cfg.vocab_size, cfg.latent_dim, 3
   ids = jax.random.randint(jax.random.key(0), (B, S, K), 0, V)
-  ae = Autoencoder(cfg, rngs=nnx.Rngs(0))
-  mu, logstd = ae.encode(ids)
+  ae = build(Autoencoder, cfg, 0)
+  mu, logstd = jitted(ae, "encode")(ids)
   assert mu.shape == logstd.shape == (B, S, L)
-  assert ae.decode(mu).shape == (B, S, K, V)
-  model = CALM(cfg, rngs=nnx.Rngs(1))
-  h, cache = model.hidden(ids)
+  assert jitted(ae, "decode")(mu).shape == (B, S, K, V)
+  model = build(CALM, cfg, 1)
+  h, cache = jitted(model, "hidden")(ids)
   assert h.shape == (B, S, cfg.backbone.hidden_dim) and cache is None
-  z = model.sample(h, jax.random.key(2), N)
+  z = jitted(model, "sample", num=N)(h, jax.random.key(2))
   assert z.shape == (N, B, S, L)
   # the final layer starts at zero: every sample is 0 at initialisation
   np.testing.assert_array_equal(z, 0.0)
-  logits, _ = ARModel(cfg, rngs=nnx.Rngs(2))(ids.reshape(B, S * K))
+  logits, _ = jitted(build(ARModel, cfg, 2))(ids.reshape(B, S * K))
   assert logits.shape == (B, S * K, V)
 
 
@@ -99,17 +119,22 @@ def jitted(module: nnx.Module, method: str = "__call__", **static):
   return lambda *args, **kwargs: call(state, *args, **kwargs)
 
 
-def _randomise(module: nnx.Module, seed: int) -> None:
-  """Re-draws every parameter (so zero-initialised layers do not hide anything)."""
-  params = nnx.to_flat_state(nnx.state(module, nnx.Param))
-  keys = jax.random.split(jax.random.key(seed), len(params))
-  for k, (_, var) in zip(keys, params):
-    var[...] = 0.3 * jax.random.normal(k, var.shape)
+@pytest.fixture(scope="module")
+def calm(cfg):
+  """A randomised CALM and its jitted `hidden` (shared so compilations are reused)."""
+  model = build(CALM, cfg, 0, randomise=True)
+  return model, jitted(model, "hidden")
 
 
-def test_head_samples_differ_with_noise(cfg):
-  model = CALM(cfg, rngs=nnx.Rngs(0))
-  _randomise(model, 0)
+@pytest.fixture(scope="module")
+def ar(cfg):
+  """A randomised AR model and its jitted forward."""
+  model = build(ARModel, cfg, 1, randomise=True)
+  return model, jitted(model)
+
+
+def test_head_samples_differ_with_noise(cfg, calm):
+  model, _ = calm
   h = jax.random.normal(jax.random.key(1), (2, 3, cfg.backbone.hidden_dim))
   z = jitted(model, "sample", num=4)(h, jax.random.key(2))
   assert float(jnp.min(jnp.abs(z[0] - z[1]))) > 0
@@ -122,32 +147,30 @@ def test_head_samples_differ_with_noise(cfg):
   np.testing.assert_allclose(batched, single, rtol=1e-6, atol=1e-6)
 
 
-def test_calm_is_causal(cfg):
-  model = CALM(cfg, rngs=nnx.Rngs(0))
-  ids = jax.random.randint(jax.random.key(0), (2, 6, cfg.chunk_size), 0, cfg.vocab_size)
+def test_calm_is_causal(cfg, calm):
+  _, hidden = calm
+  ids = jax.random.randint(jax.random.key(0), (2, 7, cfg.chunk_size), 0, cfg.vocab_size)
   edited = ids.at[:, 4].set((ids[:, 4] + 1) % cfg.vocab_size)
-  h1, _ = model.hidden(ids)
-  h2, _ = model.hidden(edited)
+  h1, _ = hidden(ids)
+  h2, _ = hidden(edited)
   np.testing.assert_allclose(h1[:, :4], h2[:, :4], rtol=1e-6, atol=1e-6)
   assert float(jnp.max(jnp.abs(h1[:, 4:] - h2[:, 4:]))) > 1e-3
 
 
-def test_ar_is_causal(cfg):
-  model = ARModel(cfg, rngs=nnx.Rngs(0))
-  ids = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+def test_ar_is_causal(cfg, ar):
+  _, call = ar
+  ids = jax.random.randint(jax.random.key(0), (2, 10), 0, cfg.vocab_size)
   edited = ids.at[:, 7].set((ids[:, 7] + 1) % cfg.vocab_size)
-  l1, _ = model(ids)
-  l2, _ = model(edited)
+  l1, _ = call(ids)
+  l2, _ = call(edited)
   np.testing.assert_allclose(l1[:, :7], l2[:, :7], rtol=1e-6, atol=1e-6)
   assert float(jnp.max(jnp.abs(l1[:, 7:] - l2[:, 7:]))) > 1e-4
 
 
-def test_ar_kv_cache_matches_full_forward(cfg):
-  model = ARModel(cfg, rngs=nnx.Rngs(0))
-  _randomise(model, 1)
-  ids = jax.random.randint(jax.random.key(0), (2, 10), 0, cfg.vocab_size)
-  full, _ = model(ids)
-  step = jitted(model)
+def test_ar_kv_cache_matches_full_forward(cfg, ar):
+  model, step = ar
+  ids = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+  full, _ = step(ids)
   cache = model.init_cache(2, 16)
   out, cache = step(ids[:, :4], cache=cache)  # prefill
   outs = [out]
@@ -158,11 +181,9 @@ def test_ar_kv_cache_matches_full_forward(cfg):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
 
 
-def test_calm_kv_cache_matches_full_forward(cfg):
-  model = CALM(cfg, rngs=nnx.Rngs(0))
-  _randomise(model, 2)
-  ids = jax.random.randint(jax.random.key(0), (2, 7, cfg.chunk_size), 0, cfg.vocab_size)
-  hidden = jitted(model, "hidden")
+def test_calm_kv_cache_matches_full_forward(cfg, calm):
+  model, hidden = calm
+  ids = jax.random.randint(jax.random.key(1), (2, 7, cfg.chunk_size), 0, cfg.vocab_size)
   full, _ = hidden(ids)
   cache = model.init_cache(2, 8)
   h, cache = hidden(ids[:, :3], cache=cache)
@@ -173,32 +194,31 @@ def test_calm_kv_cache_matches_full_forward(cfg):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
 
 
-def test_kv_cache_per_row_lengths(cfg):
-  """Rows at different lengths: row 1 keeps 1 valid slot; its stale third slot must be masked."""
-  model = ARModel(cfg, rngs=nnx.Rngs(0))
-  _randomise(model, 3)
-  ids = jax.random.randint(jax.random.key(0), (2, 4), 0, cfg.vocab_size)
-  call = jitted(model)
-  cache = model.init_cache(2, 8)
-  _, cache = call(ids[:, :3], cache=cache)
-  cache = dataclasses.replace(cache, length=jnp.array([3, 1], jnp.int32))
-  nxt = jnp.stack([ids[0, 3], ids[1, 1] + 1])[:, None]
+def test_kv_cache_per_row_lengths(cfg, ar):
+  """Rows at different lengths: row 1 keeps 1 valid slot; its stale slots 2, 3 must be masked."""
+  model, call = ar
+  ids = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
+  cache = model.init_cache(2, 16)
+  _, cache = call(ids[:, :4], cache=cache)
+  cache = dataclasses.replace(cache, length=jnp.array([4, 1], jnp.int32))
+  nxt = jnp.stack([ids[0, 4], ids[1, 1] + 1])[:, None]
   out, cache = call(nxt, cache=cache)
-  np.testing.assert_array_equal(cache.length, [4, 2])
-  want0, _ = call(jnp.concatenate([ids[:1, :3], nxt[:1]], 1))
-  want1, _ = call(jnp.concatenate([ids[1:, :1], nxt[1:]], 1))
-  np.testing.assert_allclose(out[0, 0], want0[0, -1], rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(out[1, 0], want1[0, -1], rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(cache.length, [5, 2])
+  # reference: full forwards (same compiled shape) whose prefixes are the valid histories
+  row0 = ids[0]
+  row1 = jnp.concatenate([ids[1, :1], nxt[1], ids[1, 2:]])
+  full, _ = call(jnp.stack([row0, row1]))
+  np.testing.assert_allclose(out[0, 0], full[0, 4], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(out[1, 0], full[1, 1], rtol=2e-5, atol=2e-5)
 
 
-def test_bfloat16_compute_close_to_float32(cfg):
+def test_bfloat16_compute_close_to_float32(cfg, ar):
+  m32, call32 = ar
   bf = dataclasses.replace(cfg, dtype="bfloat16")
-  m32, m16 = ARModel(cfg, rngs=nnx.Rngs(0)), ARModel(bf, rngs=nnx.Rngs(0))
-  _randomise(m32, 4)
-  _randomise(m16, 4)
-  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
-  l32, _ = m32(ids)
-  l16, _ = m16(ids)
+  m16 = build(ARModel, bf, 1, randomise=True)
+  ids = jax.random.randint(jax.random.key(3), (2, 10), 0, cfg.vocab_size)
+  l32, _ = call32(ids)
+  l16, _ = jitted(m16)(ids)
   assert l16.dtype == jnp.bfloat16
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(m16, nnx.Param)))
   rel = jnp.linalg.norm(l16.astype(jnp.float32) - l32) / jnp.linalg.norm(l32)
