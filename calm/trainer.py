@@ -100,6 +100,10 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
     config.dump(cfg, run_dir / "config.yaml")
   stage = stages.get_stage(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.train.batch_size % batch_shards:
+    raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                      f"{batch_shards} batch shards of mesh {dict(mesh.shape)}")
 
   ae_graphdef = ae_params = None
   ae_dir = None
@@ -115,8 +119,8 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
   graphdef, params = sharding.sharded_init(
       lambda: stage.build(cfg.model, nnx.Rngs(cfg.seed)), mesh)
   param_sh = jax.tree.map(lambda x: x.sharding, params)
-  opt_state = jax.jit(tx.init, out_shardings=None)(params)
-  opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, params), mesh, like=params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   batch_sh = sharding.batch_sharding(mesh)
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
