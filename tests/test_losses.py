@@ -18,6 +18,7 @@ from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
 from conftest import ROOT
+from test_models import build, jitted
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,16 @@ def test_energy_score_matches_naive_values_and_gradients(beta):
   kx, ky = jax.random.split(jax.random.key(0))
   x = 3.0 + jax.random.normal(kx, (6, 2, 3, 5))  # offset: exercises the centring
   y = 3.2 + 0.7 * jax.random.normal(ky, (9, 2, 3, 5))
-  got = losses.energy_terms(x, y, beta)
-  want = naive_energy_terms(x, y, beta)
+  weights = jax.random.normal(jax.random.key(1), (2, 3))
+
+  def terms_and_grads(fn):
+    loss = lambda x, y: jnp.sum(weights * fn(x, y, beta)[0])
+    return jax.jit(lambda x, y: (fn(x, y, beta), jax.grad(loss, (0, 1))(x, y)))(x, y)
+
+  got, (gx, gy) = terms_and_grads(losses.energy_terms)
+  want, (nx, ny) = terms_and_grads(naive_energy_terms)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-  weights = jax.random.normal(jax.random.key(1), (2, 3))
-  loss = lambda fn: lambda x, y: jnp.sum(weights * fn(x, y, beta)[0])
-  gx, gy = jax.grad(loss(losses.energy_terms), (0, 1))(x, y)
-  nx, ny = jax.grad(loss(naive_energy_terms), (0, 1))(x, y)
   np.testing.assert_allclose(gx, nx, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(gy, ny, rtol=1e-4, atol=1e-6)
 
@@ -141,7 +144,7 @@ def _loss_and_grad(fn, module, *args):
 
 
 def test_autoencoder_loss(cfg):
-  ae = Autoencoder(cfg, rngs=nnx.Rngs(0))
+  ae = build(Autoencoder, cfg, 0)
   ids = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
   (loss, m), grads = _loss_and_grad(
       lambda ae, ids, key: losses.autoencoder_loss(ae, ids, key, cfg), ae, ids, jax.random.key(1))
@@ -154,8 +157,8 @@ def test_autoencoder_loss(cfg):
 
 
 def test_calm_loss_trains_the_model_not_the_autoencoder(cfg):
-  model = CALM(cfg, rngs=nnx.Rngs(0))
-  ae = Autoencoder(cfg, rngs=nnx.Rngs(1))
+  model = build(CALM, cfg, 0)
+  ae = build(Autoencoder, cfg, 1)
   ids = jax.random.randint(jax.random.key(0), (2, 24), 0, cfg.vocab_size)
   key = jax.random.key(2)
   gd_m, st_m = nnx.split(model)
@@ -176,10 +179,11 @@ def test_calm_loss_trains_the_model_not_the_autoencoder(cfg):
 
 
 def test_ar_loss_is_next_token_cross_entropy(cfg):
-  model = ARModel(cfg, rngs=nnx.Rngs(0))
+  model = build(ARModel, cfg, 0)
   ids = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
-  loss, m = losses.ar_loss(model, ids)
-  logits = np.asarray(model(ids)[0], np.float64)[:, :-1]
+  graphdef, state = nnx.split(model)
+  loss, m = jax.jit(lambda st, ids: losses.ar_loss(nnx.merge(graphdef, st), ids))(state, ids)
+  logits = np.asarray(jitted(model)(ids)[0], np.float64)[:, :-1]
   logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
   want = -np.mean(np.take_along_axis(logp, np.asarray(ids)[:, 1:, None], -1))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
