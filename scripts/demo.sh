@@ -17,11 +17,14 @@ echo "== 3/5 discrete AR baseline (same tokenizer, same backbone size) =="
 $PY train.py --config $CFG stage=ar run_dir=$RUN/ar data.tokenizer=$RUN/ae/tokenizer.json \
   "${EXTRA[@]}"
 echo "== 4/5 samples =="
-$PY sample.py --run $RUN/calm --prompt "It was a dark and stormy night" --max-new-tokens 48
-$PY sample.py --run $RUN/calm --prompt "It was a dark and stormy night" --max-new-tokens 48 \
+PROMPT="It was a dark and stormy night"
+$PY sample.py --config $RUN/calm/config.yaml --prompt "$PROMPT" --max-tokens 48
+$PY sample.py --config $RUN/calm/config.yaml --prompt "$PROMPT" --max-tokens 48 \
   --temperature 0.5 --sampler batch
-$PY sample.py --run $RUN/ar --prompt "It was a dark and stormy night" --max-new-tokens 48
+$PY sample.py --config $RUN/calm/config.yaml --prompt "$PROMPT" --max-tokens 48 \
+  --temperature 0.5 --sampler exact
+$PY sample.py --config $RUN/ar/config.yaml --prompt "$PROMPT" --max-tokens 48
 echo "== 5/5 BrierLM on held-out books =="
-$PY -m calm.evaluate --run $RUN/calm --out $RUN/brier_calm.json
-$PY -m calm.evaluate --run $RUN/ar --out $RUN/brier_ar.json
+$PY -m calm.evaluate --config $RUN/calm/config.yaml --out $RUN/brier_calm.json
+$PY -m calm.evaluate --config $RUN/ar/config.yaml --out $RUN/brier_ar.json
 echo "demo finished: runs, logs and checkpoints under $RUN"
