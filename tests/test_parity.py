@@ -79,9 +79,10 @@ def backbone_table(head_dim: int) -> list[tuple[str, str, Callable]]:
   """HF Llama decoder names (prefix stripped) → `Transformer` (under `backbone.`)."""
   rows = [(f"layers.{{i}}.self_attn.{p}_proj.weight", f"backbone.layers.{{i}}.attn.{p}",
            _heads_in(head_dim)) for p in ("q", "k", "v")]
-  rows += [("layers.{i}.self_attn.o_proj.weight", "backbone.layers.{i}.attn.o", _heads_out(head_dim)),
-           ("layers.{i}.input_layernorm.weight", "backbone.layers.{i}.attn_norm.scale", _id),
-           ("layers.{i}.post_attention_layernorm.weight", "backbone.layers.{i}.mlp_norm.scale", _id),
+  layer = "backbone.layers.{i}"
+  rows += [("layers.{i}.self_attn.o_proj.weight", f"{layer}.attn.o", _heads_out(head_dim)),
+           ("layers.{i}.input_layernorm.weight", f"{layer}.attn_norm.scale", _id),
+           ("layers.{i}.post_attention_layernorm.weight", f"{layer}.mlp_norm.scale", _id),
            ("norm.weight", "backbone.norm.scale", _id),
            ("embed_tokens.weight", "embed.table", _id)]
   rows += _swiglu("layers.{i}.mlp", "backbone.layers.{i}.mlp")
@@ -94,7 +95,8 @@ def calm_table(head_dim: int) -> list[tuple[str, str, Callable]]:
   rows += _linear("embed_proj.0", "compress.up") + _linear("embed_proj.2", "compress.down")
   rows += _layernorm("embed_proj.3", "compress.norm")
   g, h = "mlp_generator", "energy_head"
-  rows += _linear(f"{g}.noise_embd", f"{h}.noise_in") + _linear(f"{g}.hidden_embd", f"{h}.hidden_in")
+  rows += _linear(f"{g}.noise_embd", f"{h}.noise_in")
+  rows += _linear(f"{g}.hidden_embd", f"{h}.hidden_in")
   rows += _layernorm(f"{g}.norm_noise", f"{h}.noise_norm")
   rows += _layernorm(f"{g}.norm_hidden", f"{h}.hidden_norm")
   rows += _layernorm(f"{g}.mlp_blocks.{{i}}.in_ln", f"{h}.blocks.{{i}}.norm")
@@ -114,9 +116,11 @@ def ar_table(head_dim: int) -> list[tuple[str, str, Callable]]:
   return rows + [("lm_head.weight", "lm_head.kernel", _t)]
 
 
-def map_names(weights: dict[str, np.ndarray], table) -> dict[str, np.ndarray]:
-  """Applies a table to a state_dict → {our path: array}; every row must match something."""
+def map_names(weights: dict[str, np.ndarray], table, ignore: str = "^$") -> dict[str, np.ndarray]:
+  """Applies a table to a state_dict → {our path: array}. Every row must match a weight and every
+  weight (except names matching the `ignore` regex) must be consumed by a row."""
   out: dict[str, np.ndarray] = {}
+  used: set[str] = set()
   for ref, ours, fn in table:
     pattern = re.compile("^" + re.escape(ref).replace(r"\{i\}", r"(\d+)") + "$")
     hits = [(pattern.match(k), k) for k in weights]
@@ -126,6 +130,10 @@ def map_names(weights: dict[str, np.ndarray], table) -> dict[str, np.ndarray]:
     for m, k in hits:
       path = ours.replace("{i}", m.group(1)) if m.groups() else ours
       out[path] = np.asarray(fn(weights[k]), np.float32)
+      used.add(k)
+  unused = sorted(k for k in set(weights) - used if not re.match(ignore, k))
+  if unused:
+    raise KeyError(f"reference weights without a mapping: {unused}")
   return out
 
 
@@ -135,10 +143,13 @@ def load_reference_state(npz, cfg: config_lib.ModelConfig) -> dict[str, dict[str
   ar = {k[3:]: npz[k] for k in npz.files if k.startswith("ar/")}
   np.testing.assert_array_equal(w["ae_model.decoder.lm_head_weight"],
                                 w["ae_model.encoder.embed_tokens.weight"])
+  for k in w:
+    if k.startswith("generative_head."):
+      np.testing.assert_array_equal(w[k], w["mlp_generator." + k[len("generative_head."):]])
   ae = {k[len("ae_model."):]: v for k, v in w.items() if k.startswith("ae_model.")}
   hd = cfg.backbone.head_dim
-  return {"autoencoder": map_names(ae, autoencoder_table()),
-          "calm": map_names(w, calm_table(hd)),
+  return {"autoencoder": map_names(ae, autoencoder_table(), ignore=r"decoder\.lm_head_weight$"),
+          "calm": map_names(w, calm_table(hd), ignore=r"(ae_model|generative_head)\."),
           "ar": map_names(ar, ar_table(hd))}
 
 

@@ -28,7 +28,8 @@ def _blocks(n: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
 
 
 class Autoencoder(nnx.Module):
-  """Encoder: K token embeddings → per-token blocks → squeeze K·d→d → chunk blocks → norm → (μ, log σ).
+  """Encoder: K token embeddings → per-token blocks → squeeze K·d→d → chunk blocks → norm →
+  Linear → (μ, log σ).
 
   Decoder: z → d → chunk blocks → expand d→K·d → per-token blocks → norm → logits against the
   (tied) input embedding. Each side splits its n layers in halves: first ⌊n/2⌋, then the rest.

@@ -44,7 +44,8 @@ class HeadBlock(nnx.Module):
     """The y half of fc1 (plus its bias): shared by every sample at a position."""
     d = y_D.shape[-1]
     w = self.fc1.kernel[d:].astype(self.dtype)
-    return jnp.einsum("...i,io->...o", y_D.astype(self.dtype), w) + self.fc1.bias[...].astype(self.dtype)
+    b = self.fc1.bias[...].astype(self.dtype)
+    return jnp.einsum("...i,io->...o", y_D.astype(self.dtype), w) + b
 
   def __call__(self, x_D: jax.Array, cond_D: jax.Array) -> jax.Array:
     d = x_D.shape[-1]
@@ -88,7 +89,8 @@ class CALM(nnx.Module):
   input compression, Llama backbone and energy head."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.chunk_size, self.latent_dim, self.noise_dim = cfg.chunk_size, cfg.latent_dim, cfg.head.noise_dim
+    self.chunk_size, self.latent_dim = cfg.chunk_size, cfg.latent_dim
+    self.noise_dim = cfg.head.noise_dim
     self.embed = Embedding(cfg.vocab_size, cfg.backbone.hidden_dim, dtype=cfg.dtype, rngs=rngs)
     self.compress = InputCompression(cfg, rngs=rngs)
     self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, rngs=rngs)

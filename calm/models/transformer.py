@@ -1,4 +1,4 @@
-"""Llama-style causal decoder (RoPE, RMSNorm, SwiGLU, grouped KV heads) with a functional KV cache."""
+"""Llama-style causal decoder (RoPE, RMSNorm, SwiGLU, grouped KV heads), functional KV cache."""
 
 from __future__ import annotations
 
