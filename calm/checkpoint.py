@@ -205,7 +205,7 @@ def _check_leaves(saved_tree: Any, target: dict, item: str, where: str) -> None:
 
 def _checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
   """`run_dir` or `run_dir/checkpoints`, whichever holds the step directories."""
-  p = pathlib.Path(run_dir)
+  p = pathlib.Path(run_dir).absolute()  # orbax wants absolute paths
   if not p.exists():
     raise CheckpointError(f"checkpoint directory not found: {p}")
   if (p / SUBDIR).is_dir():

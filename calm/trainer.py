@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -215,7 +216,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
                                                  if k != "step"))
 
   bar = tqdm(total=end, initial=start, disable=not (progress and main), desc=cfg.stage,
-             dynamic_ncols=True)
+             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
   step = start
   try:
     for step in range(start + 1, end + 1):
