@@ -77,7 +77,7 @@ class ModelConfig:
 class DataConfig:
   """Training / evaluation sources and packing."""
 
-  train: str = "data/gutenberg-slice"  # file, directory, glob or `tfds:NAME[:SPLIT]`
+  train: str = "data/gutenberg-slice/train"  # file, directory, glob or `tfds:NAME[:SPLIT]`
   eval: str = ""  # held-out source; empty = none
   format: Literal["auto", "txt", "jsonl", "tfds"] = "auto"
   separator: str = "\n\n"  # document separator for .txt sources
