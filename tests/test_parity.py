@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calm import config as config_lib
+from calm import config as config_lib, convert
 from calm.losses import energy_score
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
@@ -23,118 +21,8 @@ from conftest import SHARED
 FIXTURE = SHARED / "fixtures" / "reference_tiny.npz"
 
 # ----------------------------------------------------------------------------- name mapping
-# Each row: reference state_dict name (with {i} for a layer index) → parameter path in our module
-# (dots; integers index nnx.List) → transform of the torch tensor. Torch Linear is (out, in);
-# ours is (in, out). Attention projections are split per head: [D, heads, head_dim].
-
-
-def _t(w: np.ndarray) -> np.ndarray:
-  return w.T
-
-
-def _id(w: np.ndarray) -> np.ndarray:
-  return w
-
-
-def _heads_in(head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-  """q/k/v_proj (heads·head_dim, D) → [D, heads, head_dim]."""
-  return lambda w: w.T.reshape(w.shape[1], -1, head_dim)
-
-
-def _heads_out(head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-  """o_proj (D, heads·head_dim) → [heads, head_dim, D]."""
-  return lambda w: w.T.reshape(-1, head_dim, w.shape[0])
-
-
-def _linear(ref: str, ours: str) -> list[tuple[str, str, Callable]]:
-  return [(f"{ref}.weight", f"{ours}.kernel", _t), (f"{ref}.bias", f"{ours}.bias", _id)]
-
-
-def _layernorm(ref: str, ours: str) -> list[tuple[str, str, Callable]]:
-  return [(f"{ref}.weight", f"{ours}.scale", _id), (f"{ref}.bias", f"{ours}.bias", _id)]
-
-
-def _swiglu(ref: str, ours: str) -> list[tuple[str, str, Callable]]:
-  return [(f"{ref}.{p}_proj.weight", f"{ours}.{p}.kernel", _t) for p in ("gate", "up", "down")]
-
-
-def autoencoder_table() -> list[tuple[str, str, Callable]]:
-  """Reference `ae_model.*` (prefix stripped) → `Autoencoder`."""
-  rows = [("encoder.embed_tokens.weight", "embed.table", _id),
-          ("encoder.encoder_layers.{i}.layernorm.weight", "enc_blocks.{i}.norm.scale", _id),
-          ("encoder.norm.weight", "enc_norm.scale", _id),
-          ("decoder.decoder_layers.{i}.layernorm.weight", "dec_blocks.{i}.norm.scale", _id),
-          ("decoder.norm.weight", "dec_norm.scale", _id)]
-  rows += _swiglu("encoder.encoder_layers.{i}.mlp", "enc_blocks.{i}.mlp")
-  rows += _swiglu("decoder.decoder_layers.{i}.mlp", "dec_blocks.{i}.mlp")
-  rows += _linear("encoder.squeeze_layer", "squeeze")
-  rows += _linear("encoder.hidden_to_latent", "to_latent")
-  rows += _linear("decoder.latent_to_hidden", "from_latent")
-  rows += _linear("decoder.expand_layer", "expand")
-  # decoder.lm_head_weight is the tied encoder.embed_tokens.weight (checked, not loaded)
-  return rows
-
-
-def backbone_table(head_dim: int) -> list[tuple[str, str, Callable]]:
-  """HF Llama decoder names (prefix stripped) → `Transformer` (under `backbone.`)."""
-  rows = [(f"layers.{{i}}.self_attn.{p}_proj.weight", f"backbone.layers.{{i}}.attn.{p}",
-           _heads_in(head_dim)) for p in ("q", "k", "v")]
-  layer = "backbone.layers.{i}"
-  rows += [("layers.{i}.self_attn.o_proj.weight", f"{layer}.attn.o", _heads_out(head_dim)),
-           ("layers.{i}.input_layernorm.weight", f"{layer}.attn_norm.scale", _id),
-           ("layers.{i}.post_attention_layernorm.weight", f"{layer}.mlp_norm.scale", _id),
-           ("norm.weight", "backbone.norm.scale", _id),
-           ("embed_tokens.weight", "embed.table", _id)]
-  rows += _swiglu("layers.{i}.mlp", "backbone.layers.{i}.mlp")
-  return rows
-
-
-def calm_table(head_dim: int) -> list[tuple[str, str, Callable]]:
-  """Reference CALM names (minus `ae_model.*`) → `CALM`."""
-  rows = [("transformer." + r, o, f) for r, o, f in backbone_table(head_dim)]
-  rows += _linear("embed_proj.0", "compress.up") + _linear("embed_proj.2", "compress.down")
-  rows += _layernorm("embed_proj.3", "compress.norm")
-  g, h = "mlp_generator", "energy_head"
-  rows += _linear(f"{g}.noise_embd", f"{h}.noise_in")
-  rows += _linear(f"{g}.hidden_embd", f"{h}.hidden_in")
-  rows += _layernorm(f"{g}.norm_noise", f"{h}.noise_norm")
-  rows += _layernorm(f"{g}.norm_hidden", f"{h}.hidden_norm")
-  rows += _layernorm(f"{g}.mlp_blocks.{{i}}.in_ln", f"{h}.blocks.{{i}}.norm")
-  for ref, ours in (("linears.0", "fc1"), ("linears.2", "fc2"), ("linears.4", "fc3"),
-                    ("down_proj", "down")):
-    rows += _linear(f"{g}.mlp_blocks.{{i}}.{ref}", f"{h}.blocks.{{i}}.{ours}")
-  rows += _layernorm(f"{g}.final_layer.in_ln", f"{h}.out_norm")
-  rows += _linear(f"{g}.final_layer.linears.0", f"{h}.out_fc1")
-  rows += _linear(f"{g}.final_layer.linears.2", f"{h}.out_fc2")
-  # generative_head.* aliases mlp_generator.* (same tensors)
-  return rows
-
-
-def ar_table(head_dim: int) -> list[tuple[str, str, Callable]]:
-  """HF `LlamaForCausalLM` names → `ARModel`."""
-  rows = [("model." + r, o, f) for r, o, f in backbone_table(head_dim)]
-  return rows + [("lm_head.weight", "lm_head.kernel", _t)]
-
-
-def map_names(weights: dict[str, np.ndarray], table, ignore: str = "^$") -> dict[str, np.ndarray]:
-  """Applies a table to a state_dict → {our path: array}. Every row must match a weight and every
-  weight (except names matching the `ignore` regex) must be consumed by a row."""
-  out: dict[str, np.ndarray] = {}
-  used: set[str] = set()
-  for ref, ours, fn in table:
-    pattern = re.compile("^" + re.escape(ref).replace(r"\{i\}", r"(\d+)") + "$")
-    hits = [(pattern.match(k), k) for k in weights]
-    hits = [(m, k) for m, k in hits if m]
-    if not hits:
-      raise KeyError(f"reference weight {ref} not found")
-    for m, k in hits:
-      path = ours.replace("{i}", m.group(1)) if m.groups() else ours
-      out[path] = np.asarray(fn(weights[k]), np.float32)
-      used.add(k)
-  unused = sorted(k for k in set(weights) - used if not re.match(ignore, k))
-  if unused:
-    raise KeyError(f"reference weights without a mapping: {unused}")
-  return out
+# The reference state_dict names are mapped by calm.convert (the checkpoint converter), so these
+# tests also check the converter's tables, transposes and per-head splits.
 
 
 def load_reference_state(npz, cfg: config_lib.ModelConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -143,14 +31,12 @@ def load_reference_state(npz, cfg: config_lib.ModelConfig) -> dict[str, dict[str
   ar = {k[3:]: npz[k] for k in npz.files if k.startswith("ar/")}
   np.testing.assert_array_equal(w["ae_model.decoder.lm_head_weight"],
                                 w["ae_model.encoder.embed_tokens.weight"])
-  for k in w:
-    if k.startswith("generative_head."):
-      np.testing.assert_array_equal(w[k], w["mlp_generator." + k[len("generative_head."):]])
-  ae = {k[len("ae_model."):]: v for k, v in w.items() if k.startswith("ae_model.")}
-  hd = cfg.backbone.head_dim
-  return {"autoencoder": map_names(ae, autoencoder_table(), ignore=r"decoder\.lm_head_weight$"),
-          "calm": map_names(w, calm_table(hd), ignore=r"(ae_model|generative_head)\."),
-          "ar": map_names(ar, ar_table(hd))}
+  out = {}
+  for stage, weights in (("autoencoder", w), ("calm", w), ("ar", ar)):
+    # normalize: ae_model.* prefix and tied lm_head for the AE, generative_head.* aliases for CALM
+    named = convert.normalize(weights, stage, cfg, where=f"fixture {stage}")
+    out[stage] = convert.to_params(named, stage, cfg, where=f"fixture {stage}")
+  return out
 
 
 def assign(module: nnx.Module, flat: dict[str, np.ndarray]) -> None:
