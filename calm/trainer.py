@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import sys
 import time
@@ -18,8 +17,8 @@ from tqdm import tqdm
 
 from calm import checkpoint, config, data, distributed, losses, metrics, sharding, stages
 from calm.config import Config
-from calm.errors import CalmError, CheckpointError, ConfigError
-from calm.tokenizer import Tokenizer, get_tokenizer
+from calm.errors import CalmError, ConfigError
+from calm.tokenizer import get_tokenizer
 
 
 def make_optimizer(t: config.TrainConfig) -> optax.GradientTransformation:

@@ -1,6 +1,5 @@
 """Checkpoint round trips across meshes, retention, preemption and the one-line errors."""
 
-import json
 import os
 import pathlib
 import signal

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calm import checkpoint, config, losses, sharding, stages, trainer
+from calm import checkpoint, config, sharding, stages, trainer
 from calm.config import MeshConfig
 from calm.errors import CalmError, CheckpointError
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from calm.config import ModelConfig
-from calm.models.layers import Embedding, LayerNorm, Linear, compute_dtype, param, zeros_init
+from calm.models.layers import Embedding, LayerNorm, Linear, compute_dtype, zeros_init
 from calm.models.transformer import KVCache, Transformer
 
 
