@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -87,23 +88,29 @@ def converted(tmp_path_factory):
   return runs, loaded, data
 
 
-def test_fixture_converted_outputs_match_reference(converted):
-  runs, loaded, data = converted
-  ae, calm, ar = (loaded[s].model for s in ("autoencoder", "calm", "ar"))
-  K = loaded["calm"].config.model.chunk_size
-  ids = jnp.asarray(data["in/input_ids"], jnp.int32)
-  ids_BSK = ids.reshape(ids.shape[0], -1, K)
+@functools.partial(jax.jit, static_argnums=0)
+def _fixture_outputs(graphdefs, states, ids_BT, mu_logstd, hidden, noise):
+  ae, calm, ar = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  ids_BSK = ids_BT.reshape(ids_BT.shape[0], -1, calm.chunk_size)
   mu, logstd = ae.encode(ids_BSK)
-  _close(jnp.concatenate([mu, logstd], -1), data["out/ae_encoder"])
-  logits = ae.decode(jnp.asarray(data["out/ae_encoder"][..., :mu.shape[-1]]))
-  _close(logits.reshape(logits.shape[0], -1, logits.shape[-1]), data["out/ae_decoder_logits"])
-  _close(calm.compress_chunks(ids_BSK[:, :-1]), data["out/embed_proj"])
+  logits = ae.decode(mu_logstd[..., :mu.shape[-1]])
   h, _ = calm.hidden(ids_BSK[:, :-1])
-  _close(h, data["out/backbone_hidden"])
-  z = calm.head(jnp.asarray(data["out/backbone_hidden"]), jnp.asarray(data["in/head_noise"]))
-  _close(z, data["out/head_samples"])
-  ar_logits, _ = ar(ids)
-  _close(ar_logits, data["out/ar_logits"])
+  return {"out/ae_encoder": jnp.concatenate([mu, logstd], -1),
+          "out/ae_decoder_logits": logits.reshape(logits.shape[0], -1, logits.shape[-1]),
+          "out/embed_proj": calm.compress_chunks(ids_BSK[:, :-1]),
+          "out/backbone_hidden": h,
+          "out/head_samples": calm.head(hidden, noise),
+          "out/ar_logits": ar(ids_BT)[0]}
+
+
+def test_fixture_converted_outputs_match_reference(converted):
+  _, loaded, data = converted
+  graphdefs, states = zip(*(nnx.split(loaded[s].model) for s in ("autoencoder", "calm", "ar")))
+  got = _fixture_outputs(graphdefs, jax.device_get(states), data["in/input_ids"].astype(np.int32),
+                         data["out/ae_encoder"], data["out/backbone_hidden"],
+                         data["in/head_noise"])
+  for k, v in got.items():
+    _close(v, data[k])
 
 
 def test_fixture_converted_runs_are_usable(converted):
@@ -147,15 +154,35 @@ VARIANTS = {
 
 def _random_run(run_dir: pathlib.Path, cfg: config_lib.Config, seed: int) -> nnx.Module:
   """A model with every parameter random (none zero or one), saved as a trainer would."""
-  model = get_stage(cfg).build(cfg.model, nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
-  nnx.update(model, jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape), state))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: get_stage(cfg).build(cfg.model,
+                                                                              nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape), jnp.float32), abstract)
+  model = nnx.merge(graphdef, state)
   meta = {"stage": cfg.stage, "config": config_lib.to_dict(cfg),
           "autoencoder": cfg.train.autoencoder}
   with checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta) as ckpt:
     ckpt.save_now(3, params=nnx.state(model))
   return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(stage: str, graphdef, state, ids_BT: jax.Array) -> tuple[jax.Array, ...]:
+  """Every output of a stage's model on a batch of tokens."""
+  model = nnx.merge(graphdef, state)
+  if stage == "ar":
+    return model(ids_BT)[0],
+  ids_BSK = ids_BT.reshape(ids_BT.shape[0], -1, model.chunk_size)
+  if stage == "autoencoder":
+    mu, logstd = model.encode(ids_BSK)
+    return mu, logstd, model.decode(mu + jnp.exp(logstd))
+  h, _ = model.hidden(ids_BSK)
+  return h, model.sample(h, jax.random.key(1), 3)
+
+
+def _outputs(stage: str, model: nnx.Module, ids_BT: jax.Array) -> list[np.ndarray]:
+  graphdef, state = nnx.split(model)
+  return [np.asarray(x) for x in _forward(stage, graphdef, jax.device_get(state), ids_BT)]
 
 
 def _described(m: config_lib.ModelConfig, stage: str) -> dict:
@@ -194,6 +221,8 @@ def test_round_trip(tmp_path, variant, fmt):
     assert "lm_head.weight" not in convert.read_weights(refs["ar"])
   runs = convert.convert(tmp_path / "out", ae=refs["autoencoder"], calm=refs["calm"],
                          llama=refs["ar"])
+  K, V = base.model.chunk_size, base.model.vocab_size
+  ids = jax.random.randint(jax.random.key(0), (2, 4 * K), 0, V)
   for stage, model in models.items():
     loaded = checkpoint.load_for_inference(runs[stage], expect_stage=stage)
     assert _described(loaded.config.model, stage) == _described(base.model, stage)
@@ -201,21 +230,11 @@ def test_round_trip(tmp_path, variant, fmt):
     assert want.keys() == got.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=f"{stage} {k}")
-  # identical outputs
-  K, V = base.model.chunk_size, base.model.vocab_size
-  ids = jax.random.randint(jax.random.key(0), (2, 4 * K), 0, V)
-  ids_BSK = ids.reshape(2, 4, K)
-  ae = checkpoint.load_for_inference(runs["autoencoder"]).model
-  calm = checkpoint.load_for_inference(runs["calm"]).model
-  ar = checkpoint.load_for_inference(runs["ar"]).model
-  np.testing.assert_array_equal(ae(ids_BSK), models["autoencoder"](ids_BSK))
-  h, _ = calm.hidden(ids_BSK)
-  h0, _ = models["calm"].hidden(ids_BSK)
-  np.testing.assert_array_equal(h, h0)
-  z = calm.sample(h, jax.random.key(1), 3)
-  np.testing.assert_array_equal(z, models["calm"].sample(h0, jax.random.key(1), 3))
-  assert float(jnp.std(z)) > 0
-  np.testing.assert_array_equal(ar(ids)[0], models["ar"](ids)[0])
+    # identical outputs
+    got, want = _outputs(stage, loaded.model, ids), _outputs(stage, model, ids)
+    assert all(np.std(w) > 0 for w in want)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w, err_msg=stage)
 
 
 def test_reference_names_layouts():
@@ -235,6 +254,37 @@ def test_reference_names_layouts():
   np.testing.assert_array_equal(ref["lm_head.weight"], flat["lm_head.kernel"].T)
   back = convert.to_params(ref, "ar", cfg)
   assert all(np.array_equal(back[k], flat[k]) for k in flat)
+
+
+def _bf16_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+  """Writes float32 arrays (exactly representable in bfloat16) as a BF16 safetensors file."""
+  header, blobs, offset = {}, [], 0
+  for k, v in tensors.items():
+    u32 = np.ascontiguousarray(v, np.float32).view(np.uint32)
+    assert not np.any(u32 & 0xFFFF)
+    blob = (u32 >> 16).astype("<u2").tobytes()
+    header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset,
+                                                                          offset + len(blob)]}
+    blobs.append(blob)
+    offset += len(blob)
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_read_weights_bf16_and_shards(tmp_path):
+  a = np.array([[1.0, -2.5, 0.15625], [24576.0, -0.0, 7.0]], np.float32)
+  b = np.arange(6, dtype=np.float32).reshape(3, 2) / 8
+  _bf16_safetensors(tmp_path / "model-00001-of-00002.safetensors", {"x.a": a})
+  save_file({"x.b": b, "x.c": b.T.copy()}, str(tmp_path / "model-00002-of-00002.safetensors"))
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+      "x.a": "model-00001-of-00002.safetensors", "x.b": "model-00002-of-00002.safetensors",
+      "x.c": "model-00002-of-00002.safetensors"}}))
+  w = convert.read_weights(tmp_path)
+  assert sorted(w) == ["x.a", "x.b", "x.c"]
+  np.testing.assert_array_equal(w["x.a"], a)
+  np.testing.assert_array_equal(w["x.c"], b.T)
+  assert w["x.a"].dtype == np.float32
 
 
 # ----------------------------------------------------------------------------- errors
@@ -345,6 +395,13 @@ def test_cli_exit_code(small_ref, tmp_path, capsys):
   assert err.startswith("error: ") and err.count("\n") == 1 and "foo" in err
   assert cli(convert.main)(["--calm", str(src), "--out", str(tmp_path / "o")]) == 2
   assert "--calm needs --ae" in capsys.readouterr().err
+  run = cli(convert.main)(["--llama", str(small_ref["ar"]), "--out", str(tmp_path / "ok")])
+  assert run == 0 and (tmp_path / "ok" / "ar" / "checkpoints" / "0").is_dir()
+  assert cli(convert.main)(["--export", str(tmp_path / "ok" / "ar"), "--format", "npz",
+                            "--out", str(tmp_path / "back")]) == 0
+  back, ref = convert.read_weights(tmp_path / "back"), convert.read_weights(small_ref["ar"])
+  assert back.keys() == ref.keys()
+  assert all(np.array_equal(back[k], ref[k]) for k in ref)
 
 
 def test_cli_subprocess(small_ref, tmp_path):
