@@ -57,6 +57,11 @@ def main(argv=None) -> int:
                                                             "tokenizer.json")})
   tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir, train_if_missing=False)
   prompt = tok.encode(text) or [tok.eos_id]
+  context = cfg.data.block_tokens  # the length the model was trained on
+  if len(prompt) + s.max_new_tokens > context:
+    raise CalmError(f"prompt too long: {len(prompt)} tokens + sampling.max_new_tokens="
+                    f"{s.max_new_tokens} exceed the model's training context of {context} "
+                    f"tokens (data.block_tokens); shorten the prompt or generate fewer tokens")
   prompts = [prompt] * s.num_samples
   key = jax.random.key(s.seed)
   t0 = time.time()
