@@ -429,7 +429,7 @@ ALIASES = {
 }
 # Fields that do not change the converted model (training, generation, bookkeeping).
 INFORMATIONAL = frozenset("""
-    architectures auto_map model_type torch_dtype transformers_version initializer_range use_cache
+    architectures auto_map model_type torch_dtype dtype transformers_version initializer_range use_cache
     bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id
     max_position_embeddings pretraining_tp attention_dropout hidden_dropout dropout
     ae_path ae_name_or_path tokenizer_class tie_word_embeddings return_dict output_attentions
@@ -468,7 +468,9 @@ def _check_fixed(raw: Mapping[str, Any], kind: str, where: str) -> None:
   for k in ("attention_bias", "mlp_bias"):
     if raw.get(k):
       bad.append(f"{k}=true (no biases supported)")
-  if raw.get("rope_scaling"):
+  scaling = raw.get("rope_scaling")
+  if scaling and not (isinstance(scaling, dict) and
+                      scaling.get("rope_type", scaling.get("type")) == "default"):
     bad.append(f"rope_scaling={raw['rope_scaling']!r} (plain RoPE only)")
   if kind != "autoencoder" and raw.get("head_dim") is not None:
     hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
@@ -488,6 +490,13 @@ def config_fields(raw: Mapping[str, Any], kind: str, *, where: str = "config.jso
   naming them all: they may change the architecture.
   """
   fields = FIELDS[kind]
+  raw = dict(raw)
+  rope = raw.pop("rope_parameters", None)  # newer transformers: {"rope_type", "rope_theta"}
+  if isinstance(rope, dict):
+    if rope.get("rope_type", "default") != "default":
+      raise ConfigError(f"{where}: unsupported rope_parameters {rope!r} (plain RoPE only)")
+    if "rope_theta" in rope:
+      raw.setdefault("rope_theta", rope["rope_theta"])
   canon: dict[str, Any] = {}
   unknown = []
   fixed = {"hidden_act", "attention_bias", "mlp_bias", "rope_scaling", "head_dim"}
@@ -643,8 +652,11 @@ def _prepare(stage: str, src: pathlib.Path, run_dir: pathlib.Path, fields: Mappi
   if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise CheckpointError(f"{run_dir} already holds checkpoints; choose another --out")
   tok = _find_tokenizer(tokenizer_srcs or [src])
-  cfg = build_config(stage, fields, run_dir, autoencoder=autoencoder,
-                     tokenizer=str(run_dir / "tokenizer.json") if tok else "")
+  try:
+    cfg = build_config(stage, fields, run_dir, autoencoder=autoencoder,
+                       tokenizer=str(run_dir / "tokenizer.json") if tok else "")
+  except ConfigError as e:
+    raise ConfigError(f"{src / 'config.json'} gives an invalid model: {e}") from None
   where = str(src)
   params = to_params(normalize(weights, stage, cfg.model, where=where), stage, cfg.model,
                      where=where)
@@ -707,8 +719,8 @@ def _check_embedded(calm_weights: Mapping[str, np.ndarray], ae_weights: Mapping[
   ours = normalize(ae_weights, "autoencoder", where=str(ae))
   differ = [k for k in theirs if k not in ours or not _same(theirs[k], ours[k], rtol=1e-2)]
   if differ:
-    raise CheckpointError(f"{calm} embeds an autoencoder that differs from {ae} ({_names(differ, 3)}"
-                          f"); pass the autoencoder it was trained with")
+    raise CheckpointError(f"{calm} embeds an autoencoder that differs from {ae} "
+                          f"({_names(differ, 3)}); pass the autoencoder it was trained with")
 
 
 # ----------------------------------------------------------------------------- export

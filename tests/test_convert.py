@@ -388,6 +388,31 @@ def test_error_mismatched_calm_and_ae(small_ref, tmp_path):
   assert msg.startswith("vocab_size: 40 in ") and "41" in msg
 
 
+def test_config_fields(tmp_path):
+  llama = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "dtype": "bfloat16", "_name_or_path": "x",
+           "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "head_dim": 8}
+  f = convert.config_fields(llama, "ar")
+  assert f["model.backbone.rope_theta"] == 5e5 and f["model.backbone.num_kv_heads"] == 4
+  assert f["model.tie_ar_embeddings"] is False and "model.backbone.norm_eps" not in f
+  assert convert.config_fields({**llama, "heads": 4}, "ar")["model.backbone.num_heads"] == 4
+  with pytest.raises(CalmError, match="heads=2 contradicts num_attention_heads=4"):
+    convert.config_fields({**llama, "heads": 2}, "ar")
+  with pytest.raises(CalmError, match="head_dim=16"):
+    convert.config_fields({**llama, "head_dim": 16}, "ar")
+  with pytest.raises(CalmError, match="rope_scaling"):
+    convert.config_fields({**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "ar")
+  ae = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "latent_size": 8,
+        "patch_size": 4, "ae_num_layers": 3, "ae_dropout": 0.1}
+  f = convert.config_fields(ae, "autoencoder")
+  assert (f["model.autoencoder.num_encoder_layers"], f["model.autoencoder.num_decoder_layers"],
+          f["model.autoencoder.token_dropout"], f["model.autoencoder.latent_dropout"]) == (
+              3, 3, 0.1, 0.1)
+  with pytest.raises(CalmError, match="invalid model: model.backbone.num_heads"):
+    convert._prepare("ar", tmp_path, tmp_path / "x", convert.config_fields(
+        {**llama, "num_attention_heads": 5, "head_dim": None}, "ar"), {})
+
+
 def test_cli_exit_code(small_ref, tmp_path, capsys):
   src = _variant(small_ref["ar"], tmp_path / "src", config=lambda c: {**c, "foo": 1})
   assert cli(convert.main)(["--llama", str(src), "--out", str(tmp_path / "o")]) == 2
