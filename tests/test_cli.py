@@ -1,0 +1,105 @@
+"""The command lines end to end on tiny runs: train → sample → evaluate, and their errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from calm import config, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Tiny AE, CALM and AR runs (a few steps each) sharing one tokenizer."""
+  root = tmp_path_factory.mktemp("cli")
+  common = ["checkpoint.async_save=false", "train.steps=3", "data.eval=",
+            "data.tokenizer_train_bytes=200000"]
+  trainer.train(config.load(TINY, [f"run_dir={root}/ae", "stage=autoencoder", *common]),
+                progress=False)
+  tok = f"data.tokenizer={root}/ae/tokenizer.json"
+  trainer.train(config.load(TINY, [f"run_dir={root}/calm", "stage=calm", tok,
+                                   f"train.autoencoder={root}/ae", *common]), progress=False)
+  trainer.train(config.load(TINY, [f"run_dir={root}/ar", "stage=ar", tok, *common]),
+                progress=False)
+  return root
+
+
+def run(*args, stdin=None):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        input=stdin, timeout=600)
+
+
+def assert_one_line_error(r, needle):
+  assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+  err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+  assert len(err) == 1 and needle in err[0], r.stderr[-1500:]
+  assert "Traceback" not in r.stderr
+
+
+def test_sample_calm_and_ar(runs):
+  r = run("sample.py", "--config", f"{runs}/calm/config.yaml", "--prompt", "The King said",
+          "--max-tokens", "8", "--temperature", "0.5", "--sampler", "batch",
+          "--num-samples", "2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.count("--- sample") == 2 and "The King said" in r.stdout
+  assert "tokens/s" in r.stderr
+  r = run("sample.py", "--config", f"{runs}/ar/config.yaml", "--max-tokens", "8",
+          stdin="The Queen said")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "The Queen said" in r.stdout
+
+
+def test_evaluate_writes_table_and_json(runs, tmp_path):
+  out = tmp_path / "b.json"
+  r = run("-m", "calm.evaluate", "--config", f"{runs}/calm/config.yaml", "--out", str(out),
+          "eval.data=data/gutenberg-slice/heldout", "eval.max_documents=8")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "BrierLM" in r.stdout
+  result = json.loads(out.read_text())
+  text = json.dumps(result)
+  for key in ("block_tokens", "chunk_size", "scored_positions", "documents", "seed"):
+    assert key in text
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--temperature", "1.5"], "sampling.temperature"),
+    (["--temperature", "nan"], "sampling.temperature"),
+    (["--temperature", "0"], "sampling.temperature"),
+    (["--prompt", "word " * 400], "prompt too long"),
+    (["sampling.bogus=1"], "unknown config key sampling.bogus"),
+])
+def test_sample_errors(runs, extra, needle):
+  assert_one_line_error(run("sample.py", "--config", f"{runs}/calm/config.yaml",
+                            "--prompt", "x", *extra), needle)
+
+
+def test_missing_and_corrupt_checkpoints(runs, tmp_path):
+  assert_one_line_error(run("sample.py", "--config", f"{runs}/ar/config.yaml", "--prompt", "x",
+                            f"run_dir={tmp_path}/nowhere"), "not found")
+  # A CALM stage pointed at an AR run as its autoencoder.
+  assert_one_line_error(run("train.py", "--config", str(TINY), "stage=calm",
+                            f"run_dir={tmp_path}/c", f"train.autoencoder={runs}/ar"),
+                        "expected 'autoencoder'")
+  # Damage the array files of a copy of the AR run.
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(runs / "ar", bad)
+  for f in (bad / "checkpoints").rglob("*"):
+    if f.is_file() and "params" in f.parts and f.stat().st_size > 100:
+      f.write_bytes(b"\0" * 16)
+  assert_one_line_error(run("sample.py", "--config", f"{runs}/ar/config.yaml", "--prompt", "x",
+                            f"run_dir={bad}"), "corrupt")
+
+
+def test_train_data_errors(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  assert_one_line_error(run("train.py", "--config", str(TINY), f"run_dir={tmp_path}/r",
+                            f"data.train={empty}"), "empty")
+  assert_one_line_error(run("train.py", "--config", str(TINY), f"run_dir={tmp_path}/r",
+                            f"data.train={tmp_path}/missing.txt"), "missing.txt")
