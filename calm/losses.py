@@ -29,8 +29,10 @@ def energy_terms(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float
     score = dist_xx − 2·dist_xy  (higher is better; maximised in expectation by x ~ law of y).
 
   The N(N−1)/2 sample pairs use exact differences; the N×M sample/target distances use
-  ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b on vectors centred at the targets' mean (full-precision matmul,
-  clamped at 0), so no [N, M, B, S, L] tensor is formed.
+  ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b on vectors centred at the first target sample (full-precision
+  matmul, clamped at 0), so no [N, M, B, S, L] tensor is formed. Distances do not depend on the
+  centre, so it carries no gradient; both operands are laid out [B, S, ·, L] once, which keeps
+  XLA from transposing the M targets inside the batched matmul and its gradient.
   """
   x = x_NBSL.astype(jnp.float32)
   y = y_MBSL.astype(jnp.float32)
@@ -39,11 +41,12 @@ def energy_terms(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float
   sq_pairs = jnp.sum(jnp.square(x[iu] - x[ju]), axis=-1)  # [P, B, S]
   dist_xx = 2.0 * jnp.sum(_pow_of_sq(sq_pairs, beta), axis=0) / (n * (n - 1))
 
-  center = jnp.mean(y, axis=0)
-  x, y = x - center, y - center
-  xx_BSN = jnp.moveaxis(jnp.sum(x * x, axis=-1), 0, -1)
-  yy_BSM = jnp.moveaxis(jnp.sum(y * y, axis=-1), 0, -1)
-  xy_BSNM = jnp.einsum("nbsl,mbsl->bsnm", x, y, precision=jax.lax.Precision.HIGHEST)
+  center_BSL = jax.lax.stop_gradient(y[0])
+  x_BSNL = jnp.moveaxis(x - center_BSL, 0, -2)
+  y_BSML = jnp.moveaxis(y - center_BSL, 0, -2)
+  xx_BSN = jnp.sum(x_BSNL * x_BSNL, axis=-1)
+  yy_BSM = jnp.sum(y_BSML * y_BSML, axis=-1)
+  xy_BSNM = jnp.einsum("bsnl,bsml->bsnm", x_BSNL, y_BSML, precision=jax.lax.Precision.HIGHEST)
   sq_BSNM = xx_BSN[..., :, None] + yy_BSM[..., None, :] - 2.0 * xy_BSNM
   dist_xy = jnp.mean(_pow_of_sq(sq_BSNM, beta), axis=(-2, -1))
   return dist_xx - 2.0 * dist_xy, dist_xx, dist_xy
