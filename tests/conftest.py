@@ -2,8 +2,13 @@
 
 import os
 import pathlib
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "")
+# One compilation cache for the whole run, shared with the tests' subprocesses (they compile
+# many of the same tiny programs).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "calm-jax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
