@@ -1,0 +1,85 @@
+"""BrierLM evaluation throughput (`evaluate.score_documents`) for CALM and the AR baseline.
+
+  python -m bench.bench_brier [--sizes tiny] [--rounds 2] [--out FILE]
+
+Random documents of random token ids, cut into blocks of the size's sequence length; tokens/s
+counts the block tokens scored per second (compilation is the first call, timed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from bench import common
+from bench.bench_generate import build_models
+from calm import evaluate
+from calm.errors import cli
+
+DOCS, DOC_TOKENS, BATCH = 8, 1024, 8
+
+
+def run(sizes: list[str], rounds: int) -> list[dict]:
+  rows = []
+  for name in sizes:
+    size = common.SIZES[name]
+    calm, _, ae, ar = build_models(size)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, size.model.vocab_size, DOC_TOKENS).astype(np.int32)
+            for _ in range(DOCS)]
+    kinds = {"calm": (calm, ae), "ar": (ar,)}
+
+    def score(kind):
+      return evaluate.score_documents(kind, kinds[kind], docs, block_tokens=size.seq,
+                                      chunk_size=size.model.chunk_size, batch_size=BATCH,
+                                      seed=0, pad_id=0)
+    first, positions = {}, {}
+    for kind in kinds:
+      t = time.perf_counter()
+      est, _ = score(kind)
+      first[kind] = time.perf_counter() - t
+      positions[kind] = len(est)
+      print(f"  {name} brier {kind}: first call {first[kind]:.1f}s", flush=True)
+    times = common.interleave({k: (lambda k=k: common.timed(lambda: score(k))[0]) for k in kinds},
+                              rounds)
+    for kind, secs in times.items():
+      t = common.summary(secs)
+      rows.append({"size": name, "model": kind, "documents": DOCS, "doc_tokens": DOC_TOKENS,
+                   "block_tokens": size.seq, "batch": BATCH, "scored_positions": positions[kind],
+                   "seconds": t["median_s"], "spread": t["spread"],
+                   "tokens_per_s": DOCS * DOC_TOKENS / t["median_s"],
+                   "compile_and_first_s": first[kind]})
+  return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+  print(f"{'size':<6} {'model':<6} {'tokens':>7} {'positions':>9} {'tokens/s':>9} {'first s':>8}")
+  for r in rows:
+    print(f"{r['size']:<6} {r['model']:<6} {r['documents'] * r['doc_tokens']:>7} "
+          f"{r['scored_positions']:>9} {r['tokens_per_s']:>9,.0f} {r['compile_and_first_s']:>8.1f}")
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--sizes", default="tiny")
+  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--out", default=str(common.RESULTS / "brier.json"))
+  args = ap.parse_args(argv)
+  info, load0 = common.machine(), common.load_average()
+  rows = run(args.sizes.split(","), args.rounds)
+  print_rows(rows)
+  common.RESULTS.mkdir(parents=True, exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"machine": info, "load_average_start": load0,
+               "load_average_end": common.load_average(), "rows": rows}, f, indent=2)
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
