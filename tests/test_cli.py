@@ -66,6 +66,18 @@ def test_evaluate_writes_table_and_json(runs, tmp_path):
     assert key in text
 
 
+def test_evaluate_autoencoder_reconstruction(runs, tmp_path):
+  out = tmp_path / "r.json"
+  r = run("-m", "calm.evaluate", "--config", f"{runs}/ae/config.yaml", "--out", str(out),
+          "eval.data=data/gutenberg-slice/heldout", "eval.max_documents=16")
+  assert r.returncode == 0, r.stderr[-2000:]
+  result = json.loads(out.read_text())
+  for key in ("token_acc", "chunk_exact", "token_acc_noise0.3"):
+    assert 0.0 <= result[key] <= 1.0
+  assert result["chunk_exact"] <= result["token_acc"]
+  assert result["protocol"]["tokens"] == 16 * 64
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--temperature", "1.5"], "sampling.temperature"),
     (["--temperature", "nan"], "sampling.temperature"),
