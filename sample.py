@@ -13,9 +13,38 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from calm import checkpoint, config, sampling, tokenizer
 from calm.errors import CalmError, ConfigError, cli
+
+
+class StreamPrinter:
+  """Prints one sample's text as its tokens arrive from the device (whole-text re-decode, so
+  multi-token characters are never split)."""
+
+  def __init__(self, tok, prompt: str, max_new_tokens: int):
+    self.tok, self.max_new, self.ids, self.shown = tok, max_new_tokens, [], ""
+    print("--- sample 0 ---")
+    print(prompt, end="", flush=True)
+
+  def __call__(self, ids_BK) -> None:
+    for t in np.asarray(ids_BK)[0].tolist():
+      if len(self.ids) >= self.max_new or (self.ids and self.ids[-1] == self.tok.eos_id):
+        return
+      self.ids.append(t)
+    self._show(self.ids)
+
+  def _show(self, ids) -> None:
+    text = self.tok.decode(ids)
+    if text.startswith(self.shown) and not text.endswith("\ufffd"):
+      print(text[len(self.shown):], end="", flush=True)
+      self.shown = text
+
+  def finish(self, final_ids) -> None:
+    """Prints whatever the stream has not shown yet (the final ids are authoritative)."""
+    text = self.tok.decode(final_ids)
+    print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
 def main(argv=None) -> int:
@@ -64,21 +93,25 @@ def main(argv=None) -> int:
                     f"tokens (data.block_tokens); shorten the prompt or generate fewer tokens")
   prompts = [prompt] * s.num_samples
   key = jax.random.key(s.seed)
+  stream = StreamPrinter(tok, text, s.max_new_tokens) if s.num_samples == 1 else None
   t0 = time.time()
   stats = {}
   if cfg.stage == "calm":
     sampler = sampling.ChunkSampler(s.temperature, s.sampler, s.num_candidates, s.max_attempts)
     outs, stats = sampling.generate_calm(loaded.model, ae, prompts, key,
                                          max_new_tokens=s.max_new_tokens, sampler=sampler,
-                                         eos_id=tok.eos_id, pad_id=tok.pad_id)
+                                         eos_id=tok.eos_id, pad_id=tok.pad_id, on_tokens=stream)
   else:
     outs = sampling.generate_ar(loaded.model, prompts, key, max_new_tokens=s.max_new_tokens,
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                eos_id=tok.eos_id, pad_id=tok.pad_id)
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, on_tokens=stream)
   dt = time.time() - t0
-  for i, out in enumerate(outs):
-    print(f"--- sample {i} ---")
-    print(text + tok.decode(out), flush=True)
+  if stream is not None:
+    stream.finish(outs[0])
+  else:
+    for i, out in enumerate(outs):
+      print(f"--- sample {i} ---")
+      print(text + tok.decode(out), flush=True)
   n = sum(map(len, outs))
   extra_stats = (f", {stats['mean_draws']:.1f} draws/chunk, {stats['capped']} capped"
                  if stats else "")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +85,10 @@ def _ragged(rows: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("calm_def", "ae_def", "max_chunks", "sampler",
-                                             "eos_id", "pad_id"))
+                                             "eos_id", "pad_id", "on_tokens"))
 def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B, key, *,
-                   max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int):
+                   max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int,
+                   on_tokens: Callable | None = None):
   calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
   B, S, K = prompt_BSK.shape
   cache = calm.init_cache(B, S + max_chunks)
@@ -106,6 +107,8 @@ def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B,
     chunk_BK = jnp.where(done_B[:, None], pad_id, chunk_BK)
     out_BMK = out_BMK.at[:, i].set(chunk_BK)
     draws_BM = draws_BM.at[:, i].set(jnp.where(done_B, 0, draws_B))
+    if on_tokens is not None:  # streaming: hand each new chunk to the host as it is produced
+      jax.debug.callback(on_tokens, chunk_BK, ordered=True)
     done_B = done_B | jnp.any(chunk_BK == eos_id, axis=-1)
     h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=cache)
     return i + 1, h_B1D[:, 0], cache, out_BMK, done_B, draws_BM
@@ -124,8 +127,11 @@ def _trim(ids: np.ndarray, eos_id: int) -> list[int]:
 
 def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
                   max_new_tokens: int, sampler: ChunkSampler = ChunkSampler(), eos_id: int,
-                  pad_id: int) -> tuple[list[list[int]], dict]:
+                  pad_id: int, on_tokens: Callable[[np.ndarray], None] | None = None
+                  ) -> tuple[list[list[int]], dict]:
   """Continues each prompt (token ids) with CALM → (new tokens per row up to EOS, stats).
+
+  `on_tokens(ids_BK)`, if given, receives every generated chunk on the host as it is produced.
 
   stats: draws per generated chunk (`mean_draws`) and the number of chunks whose exact sampler
   hit `max_attempts` (`capped`, returned as its fallback).
@@ -138,7 +144,7 @@ def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
   ae_def, ae_state = nnx.split(ae)
   out_BMK, draws_BM = _calm_generate(
       calm_def, calm_state, ae_def, ae_state, prompt_BSK, jnp.asarray(lens // K), key,
-      max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+      max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id, on_tokens=on_tokens)
   out = np.asarray(out_BMK).reshape(len(prompts), -1)
   draws = np.asarray(draws_BM)
   used = draws != 0
@@ -170,9 +176,10 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "max_new", "temperature", "top_k",
-                                             "top_p", "eos_id", "pad_id"))
+                                             "top_p", "eos_id", "pad_id", "on_tokens"))
 def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temperature: float,
-                 top_k: int, top_p: float, eos_id: int, pad_id: int):
+                 top_k: int, top_p: float, eos_id: int, pad_id: int,
+                 on_tokens: Callable | None = None):
   model = nnx.merge(model_def, state)
   B, T = prompt_BT.shape
   cache = model.init_cache(B, T + max_new)
@@ -189,6 +196,8 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temp
     tok_B = sample_logits(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
     tok_B = jnp.where(done_B, pad_id, tok_B)
     out_BM = out_BM.at[:, i].set(tok_B)
+    if on_tokens is not None:
+      jax.debug.callback(on_tokens, tok_B[:, None], ordered=True)
     done_B = done_B | (tok_B == eos_id)
     logits_B1V, cache = model(tok_B[:, None], cache=cache)
     return i + 1, logits_B1V[:, 0], cache, out_BM, done_B
@@ -199,13 +208,15 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temp
 
 def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_new_tokens: int,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
-                pad_id: int) -> list[list[int]]:
-  """Continues each prompt token by token → new tokens per row up to EOS."""
+                pad_id: int, on_tokens: Callable[[np.ndarray], None] | None = None
+                ) -> list[list[int]]:
+  """Continues each prompt token by token → new tokens per row up to EOS (`on_tokens(ids_B1)`
+  receives each step's tokens on the host as they are produced)."""
   if not (temperature > 0 and 0.0 < top_p <= 1.0 and top_k >= 0):
     raise CalmError("need temperature > 0, top_p in (0, 1], top_k >= 0")
   ids, lens = _ragged(prompts, pad_id, 1)
   model_def, state = nnx.split(model)
   out = _ar_generate(model_def, state, jnp.asarray(ids), jnp.asarray(lens), key,
                      max_new=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                     top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
+                     top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, on_tokens=on_tokens)
   return [_trim(r, eos_id) for r in np.asarray(out)]
