@@ -9,7 +9,9 @@ CFG=configs/demo.yaml
 EXTRA=("$@")
 
 echo "== 1/5 autoencoder (K=4 tokens <-> one vector) =="
-$PY train.py --config $CFG stage=autoencoder run_dir=$RUN/ae "${EXTRA[@]}"
+$PY train.py --config $CFG stage=autoencoder run_dir=$RUN/ae train.lr=2e-3 "${EXTRA[@]}"
+echo "-- held-out reconstruction (token accuracy from mu and under latent noise)"
+$PY -m calm.evaluate --config $RUN/ae/config.yaml --out $RUN/reconstruction.json
 echo "== 2/5 CALM energy model on top of the frozen autoencoder =="
 $PY train.py --config $CFG stage=calm run_dir=$RUN/calm train.autoencoder=$RUN/ae \
   "${EXTRA[@]}"
