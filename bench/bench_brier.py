@@ -9,7 +9,6 @@ counts the block tokens scored per second (compilation is the first call, timed 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -73,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
   info, load0 = common.machine(), common.load_average()
   rows = run(args.sizes.split(","), args.rounds)
   print_rows(rows)
-  common.RESULTS.mkdir(parents=True, exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": info, "load_average_start": load0,
-               "load_average_end": common.load_average(), "rows": rows}, f, indent=2)
-  print(f"wrote {args.out}")
+  common.write_results(args.out, rows, info, load0)
   return 0
 
 

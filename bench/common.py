@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import json
 import pathlib
 import platform
 import statistics
@@ -79,6 +80,15 @@ def machine() -> dict[str, Any]:
           "optax": optax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def write_results(out: str | pathlib.Path, rows: list, info: dict, load0: float) -> None:
+  """Writes a benchmark's rows with the machine and the load average around the run."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"machine": info, "load_average_start": load0,
+                             "load_average_end": load_average(), "rows": rows}, indent=2))
+  print(f"wrote {out}")
 
 
 def load_average() -> float:

@@ -26,6 +26,7 @@ from flax import nnx
 from calm import config as config_lib
 from calm.config import CheckpointConfig, Config
 from calm.errors import CalmError, CheckpointError
+from calm.sharding import _is_var, _key_str
 
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
@@ -50,17 +51,6 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
 def _one_line(e: BaseException, limit: int = 240) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   return f"{type(e).__name__}: {text[:limit]}"
-
-
-def _is_var(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _is_prng_key(x: Any) -> bool:
