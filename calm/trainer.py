@@ -52,7 +52,7 @@ def build_step_fns(stage: stages.Stage, graphdef, tx: optax.GradientTransformati
       return stage.loss(nnx.merge(graphdef, p), ae, ids_BT, key)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
