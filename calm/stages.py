@@ -37,18 +37,11 @@ def ae_reconstruction(ae: Autoencoder, ids_BT: jax.Array, key: jax.Array, chunk_
   ids_BSK = ids_BT.reshape(ids_BT.shape[0], -1, chunk_size)
   mu_BSL, _ = ae.encode(ids_BSK)
 
-  def decode_stats(z_BSL):
-    logits_BSKV = ae.decode(z_BSL).astype(jnp.float32)
-    hit_BSK = jnp.argmax(logits_BSKV, -1) == ids_BSK
-    return logits_BSKV, hit_BSK
-
-  logits_BSKV, hit_BSK = decode_stats(mu_BSL)
-  logp = jax.nn.log_softmax(logits_BSKV, -1)
-  ce = -jnp.take_along_axis(logp, ids_BSK[..., None], -1).mean()
-  out = {"ce": ce, "token_acc": hit_BSK.mean(), "chunk_exact": hit_BSK.all(-1).mean()}
+  ce_BSK, hit_BSK = losses.cross_entropy(ae.decode(mu_BSL), ids_BSK)
+  out = {"ce": ce_BSK.mean(), "token_acc": hit_BSK.mean(), "chunk_exact": hit_BSK.all(-1).mean()}
   for i, s in enumerate(sigmas):
     eps = jax.random.normal(jax.random.fold_in(key, i), mu_BSL.shape, mu_BSL.dtype)
-    _, hit = decode_stats(mu_BSL + s * eps)
+    _, hit = losses.cross_entropy(ae.decode(mu_BSL + s * eps), ids_BSK)
     out[f"token_acc_noise{s:g}"] = hit.mean()
   return out
 
