@@ -1,7 +1,7 @@
 """Generate text from a CALM or AR run: `python sample.py --config CFG [--prompt TEXT|--file F] [k=v ...]`.
 
 Sampling settings come from the config's `sampling` section (temperature, sampler,
-num_candidates, max_attempts, max_new_tokens, num_samples, top_k, top_p, seed); the flags below
+num_candidates, max_attempts, draws_per_step, max_new_tokens, num_samples, top_k, top_p, seed); the flags below
 override them. Without --prompt/--file the prompt is read from stdin.
 """
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
   t0 = time.time()
   stats = {}
   if cfg.stage == "calm":
-    sampler = sampling.ChunkSampler(s.temperature, s.sampler, s.num_candidates, s.max_attempts)
+    sampler = sampling.ChunkSampler(s.temperature, s.sampler, s.num_candidates, s.max_attempts,
+                                    s.draws_per_step)
     outs, stats = sampling.generate_calm(loaded.model, ae, prompts, key,
                                          max_new_tokens=s.max_new_tokens, sampler=sampler,
                                          eos_id=tok.eos_id, pad_id=tok.pad_id, on_tokens=stream)

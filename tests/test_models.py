@@ -223,3 +223,14 @@ def test_bfloat16_compute_close_to_float32(cfg, ar):
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(m16, nnx.Param)))
   rel = jnp.linalg.norm(l16.astype(jnp.float32) - l32) / jnp.linalg.norm(l32)
   assert float(rel) < 0.05
+
+
+@pytest.mark.parametrize("B,S", [(1, 1), (3, 2), (40, 3)])  # few rows: vocab-major; many: token-major
+def test_decode_ids_is_argmax_of_decode(cfg, B, S):
+  from calm.models.layers import VOCAB_MAJOR_MAX_ROWS
+  ae = build(Autoencoder, cfg, 3, randomise=True)
+  z = jax.random.normal(jax.random.key(4), (B, S, cfg.latent_dim))
+  ids = jitted(ae, "decode_ids")(z)
+  assert ids.dtype == jnp.int32 and ids.shape == (B, S, cfg.chunk_size)
+  np.testing.assert_array_equal(ids, jnp.argmax(jitted(ae, "decode")(z), axis=-1))
+  assert (B * S * cfg.chunk_size > VOCAB_MAJOR_MAX_ROWS) == (B == 40)  # both paths are covered

@@ -115,6 +115,29 @@ def test_sample_logits_top_k_top_p():
   assert abs((tok == 0).mean() - p[0] / p.sum()) < 0.03
 
 
+@pytest.mark.parametrize("V", [7, 1000])  # one partial block; several blocks plus padding
+def test_categorical_matches_softmax(V):
+  rng = np.random.default_rng(V)
+  logits = rng.normal(0, 2, V).astype(np.float32)
+  logits[rng.choice(V, V // 5, replace=False)] = -np.inf  # masked entries are never drawn
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  n = 200_000
+  tok = np.asarray(jax.jit(sampling.categorical)(
+      jax.random.key(0), jnp.broadcast_to(jnp.asarray(logits), (n, V))))
+  counts = np.bincount(tok, minlength=V)
+  assert counts.shape == (V,) and counts[p == 0].sum() == 0
+  # χ² over bins with ≥ 5 expected draws (the rest merged into one bin)
+  e = n * p
+  big = e >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(e[big], e[~big].sum())
+  keep = exp > 0
+  stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+  df = int(keep.sum()) - 1
+  assert stat < df + 5 * np.sqrt(2 * df)  # ~5σ above the χ² mean
+
+
 def test_invalid_sampler_settings():
   with pytest.raises(CalmError):
     sampling.ChunkSampler(1.5)

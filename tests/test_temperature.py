@@ -18,8 +18,9 @@ CHI2_DF5_999 = 20.515
 
 
 def make_draw(probs, batch):
+  """(key, R) -> R i.i.d. chunks per row [batch, R, K]."""
   logits = jnp.log(jnp.asarray(probs, jnp.float32))
-  return lambda key: TABLE[jax.random.categorical(key, logits, shape=(batch,))]
+  return lambda key, r: TABLE[jax.random.categorical(key, logits, shape=(batch, r))]
 
 
 def chunk_index(chunks_BK):
@@ -38,10 +39,11 @@ def chi2(counts, q):
   return float(((counts - e) ** 2 / e).sum())
 
 
-@pytest.mark.parametrize("T", [1.0, 1 / 2, 1 / 3, 0.7])
-def test_exact_sampler_matches_tempered_distribution(T):
+@pytest.mark.parametrize("T,R", [(1.0, 1), (1 / 2, 1), (1 / 3, 1), (0.7, 1), (1 / 2, 2),
+                                 (1 / 3, 5), (0.7, 3)])
+def test_exact_sampler_matches_tempered_distribution(T, R):
   B = 20000
-  fn = jax.jit(lambda key: tm.exact_sample(make_draw(P, B), key, T, 2000))
+  fn = jax.jit(lambda key: tm.exact_sample(make_draw(P, B), key, T, 2000, draws_per_step=R))
   chunks, ok, attempts = fn(jax.random.key(1))
   assert bool(ok.all())
   counts = np.bincount(chunk_index(chunks), minlength=6)
@@ -57,7 +59,7 @@ def test_exact_sampler_t1_is_single_draw():
   draw = make_draw(P, 5)
   chunks, ok, attempts = tm.exact_sample(draw, jax.random.key(3), 1.0, 10)
   key0 = jax.random.fold_in(jax.random.split(jax.random.key(3))[0], 0)
-  np.testing.assert_array_equal(chunks, draw(key0))
+  np.testing.assert_array_equal(chunks, draw(key0, 1)[:, 0])
   assert bool(ok.all()) and attempts.tolist() == [1] * 5
 
 
@@ -75,7 +77,26 @@ def test_exact_sampler_reports_cap():
   chunks1, ok1, att1 = tm.exact_sample(make_draw(flat, 64), jax.random.key(5), 0.7, 1)
   assert not bool(ok1.any()) and att1.tolist() == [1] * 64
   key0 = jax.random.fold_in(jax.random.split(jax.random.key(5))[0], 0)
-  np.testing.assert_array_equal(chunks1, make_draw(flat, 64)(key0))
+  np.testing.assert_array_equal(chunks1, make_draw(flat, 64)(key0, 1)[:, 0])
+
+
+@pytest.mark.parametrize("R", [2, 4, 7])
+def test_exact_sampler_blocks_count_consumed_draws(R):
+  """Drawing R per iteration caps and counts the draws a row looks at, not the ones made."""
+  B = 4000
+  flat = np.full(6, 1 / 6)
+  _, ok, attempts = jax.jit(
+      lambda k: tm.exact_sample(make_draw(flat, B), k, 1 / 3, 5, draws_per_step=R))(
+          jax.random.key(0))
+  ok, attempts = np.asarray(ok), np.asarray(attempts)
+  assert (attempts <= 5).all() and (attempts[~ok] == 5).all() and (attempts[ok] >= 3).all()
+  # Success within 5 draws: x x x, or a mismatch at draw 2 (discarded) then x' x' x'.
+  p = (1 / 36) * (1 + 5 / 6)
+  assert abs(ok.mean() - p) < 4 * np.sqrt(p * (1 - p) / B)
+  # The consumed-draw statistics do not depend on R.
+  _, ok1, att1 = jax.jit(lambda k: tm.exact_sample(make_draw(flat, B), k, 1 / 3, 5))(
+      jax.random.key(1))
+  assert abs(np.asarray(att1).mean() - attempts.mean()) < 0.1
 
 
 def test_chunk_counts_match_bruteforce():

@@ -62,17 +62,20 @@ class Autoencoder(nnx.Module):
     out_BS2L = self.to_latent(self.enc_norm(x_BSD)).astype(jnp.float32)
     return out_BS2L[..., :self.latent_dim], out_BS2L[..., self.latent_dim:]
 
-  def decode(self, z_BSL: jax.Array) -> jax.Array:
-    """Latents → token logits [B, S, K, V] (compute dtype)."""
+  def decode_hidden(self, z_BSL: jax.Array) -> jax.Array:
+    """Latents → final normalised hidden state per token [B, S, K, D]."""
     x_BSD = self.from_latent(z_BSL)
     for block in self.dec_blocks[:self.dec_split]:
       x_BSD = block(x_BSD)
     x_BSKD = self.expand(x_BSD).reshape(*x_BSD.shape[:-1], self.chunk_size, -1)
     for block in self.dec_blocks[self.dec_split:]:
       x_BSKD = block(x_BSKD)
-    return self.embed.attend(self.dec_norm(x_BSKD))
+    return self.dec_norm(x_BSKD)
 
-  def __call__(self, ids_BSK: jax.Array) -> jax.Array:
-    """Deterministic reconstruction logits (decode of μ)."""
-    mu_BSL, _ = self.encode(ids_BSK)
-    return self.decode(mu_BSL)
+  def decode(self, z_BSL: jax.Array) -> jax.Array:
+    """Latents → token logits [B, S, K, V] (compute dtype)."""
+    return self.embed.attend(self.decode_hidden(z_BSL))
+
+  def decode_ids(self, z_BSL: jax.Array) -> jax.Array:
+    """Latents → argmax token ids [B, S, K] int32 (the chunk a latent decodes to)."""
+    return self.embed.attend_argmax(self.decode_hidden(z_BSL))

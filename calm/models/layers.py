@@ -91,6 +91,11 @@ class SwiGLU(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
+# Up to this many rows, `attend_argmax` computes vocab-major logits [V, rows]: on a CPU that
+# matmul ran ~1.3× faster for 4–32 rows and ~1.6× slower for 800 (V=32000, D=256).
+VOCAB_MAJOR_MAX_ROWS = 64
+
+
 class Embedding(nnx.Module):
   """Token table [V, D]; `attend` gives logits against the same table (weight tying)."""
 
@@ -103,3 +108,11 @@ class Embedding(nnx.Module):
 
   def attend(self, x_D: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", x_D.astype(self.dtype), self.table[...].astype(self.dtype))
+
+  def attend_argmax(self, x_D: jax.Array) -> jax.Array:
+    """argmax(attend(x)) as int32 ids [...]."""
+    x_D, table_VD = x_D.astype(self.dtype), self.table[...].astype(self.dtype)
+    if x_D.size // x_D.shape[-1] > VOCAB_MAJOR_MAX_ROWS:
+      return jnp.argmax(jnp.einsum("...d,vd->...v", x_D, table_VD), axis=-1).astype(jnp.int32)
+    # Few rows (generation): vocab-major logits [V, ...] let the matmul stream the table once.
+    return jnp.argmax(jnp.einsum("vd,...d->v...", table_VD, x_D), axis=0).astype(jnp.int32)
