@@ -9,6 +9,8 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "calm-jax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite is written for 8 fake CPU devices; on a GPU/TPU machine it still runs on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -19,6 +21,12 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEMO_DATA = ROOT / "data" / "gutenberg-slice"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """This process's environment with the repo first on PYTHONPATH, plus `extra`."""
+  path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+  return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from calm import data as D
 from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer, train_tokenizer
 
+from conftest import ROOT, subprocess_env
+
 K = 4
 DOCS = [
     "The Time Traveller (for so it will be convenient to speak of him) was expounding.",
@@ -309,10 +311,8 @@ def test_state_round_trip_in_a_fresh_process(tmp_path):
       "it = TrainIterator(np.load(d + '/blocks.npy'), global_batch=4, seed=11)\n"
       "it.set_state(json.load(open(d + '/state.json')))\n"
       "np.save(d + '/got.npy', np.stack([next(it) for _ in range(10)]))\n")
-  root = pathlib.Path(__file__).resolve().parents[1]
-  env = {**os.environ, "PYTHONPATH": str(root)}
-  subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=root,
-                 timeout=120)
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=subprocess_env(),
+                 cwd=ROOT, timeout=120)
   np.testing.assert_array_equal(np.load(tmp_path / "got.npy"), np.load(tmp_path / "want.npy"))
 
 

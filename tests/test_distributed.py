@@ -14,7 +14,7 @@ from calm import distributed
 from calm.config import DistributedConfig
 from calm.errors import CalmError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT, subprocess_env
 
 # Runs a few SGD steps of a tiny sharded linear model on a 4-device (data=2, fsdp=2) mesh, then
 # writes (all processes together) or restores a checkpoint. argv: mode pid port out_dir.
@@ -102,7 +102,7 @@ def _free_port() -> int:
 
 
 def _launch(script, mode, pid, port, out):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="")
   for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID"):
     env.pop(k, None)
   return subprocess.Popen([sys.executable, str(script), mode, str(pid), str(port), str(out)],
