@@ -1,8 +1,6 @@
 """Multi-process initialisation: two localhost processes × 2 CPU devices == one process × 4."""
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from calm import distributed
 from calm.config import DistributedConfig
 from calm.errors import CalmError
 
-from conftest import ROOT, subprocess_env
+from conftest import subprocess_env
 
 # Runs a few SGD steps of a tiny sharded linear model on a 4-device (data=2, fsdp=2) mesh, then
 # writes (all processes together) or restores a checkpoint. argv: mode pid port out_dir.
