@@ -248,3 +248,58 @@ def test_calm_document_scores(K):
   assert len(est) == expected and set(np.unique(doc_ids)) == {0, 1}
   # indicator estimators take values in {-1, 0, 1, 2}
   assert est.shape[1] == 4 and set(np.unique(est)) <= {-1.0, 0.0, 1.0, 2.0}
+
+
+class _IIDChunks:
+  """Stands in for both CALM and its autoencoder: every next chunk is drawn i.i.d. from `table`
+  with probabilities `q`, whatever the prefix (the head passes its uniform noise through; the
+  "decoder" inverts q's CDF). Brier-n of such a model has a closed form."""
+
+  def __init__(self, table, q):
+    self.table = jnp.asarray(table, jnp.int32)
+    self.cdf = jnp.cumsum(jnp.asarray(q, jnp.float32))
+    self.chunk_size, self.noise_dim = self.table.shape[1], 1
+
+  def init_cache(self, batch, max_len):
+    from calm.models.transformer import KVCache
+
+    z = jnp.zeros((1, batch, max_len, 1, 1))
+    return KVCache(z, z, jnp.zeros((batch,), jnp.int32))
+
+  def hidden(self, ids_BSK, *, cache):
+    from calm.models.transformer import KVCache
+
+    B, S = ids_BSK.shape[:2]
+    return jnp.zeros((B, S, 1)), KVCache(cache.k, cache.v, cache.length + S)
+
+  def head(self, h, noise):
+    return noise + 0.5  # u ~ U(0, 1)
+
+  def decode_ids(self, z):
+    idx = jnp.minimum(jnp.sum(z >= self.cdf, axis=-1), self.cdf.shape[0] - 1)
+    return self.table[idx]
+
+
+def test_calm_block_scores_k2_unbiased_on_a_known_chunk_model():
+  """K=2 (two chunks per 4-gram): the continued-path estimator averages to the exact Brier-n."""
+  from calm import evaluate
+
+  table = np.array([[1, 2], [1, 3], [4, 5], [6, 2]])
+  q = np.array([0.4, 0.3, 0.2, 0.1])
+  first = {t: q[table[:, 0] == t].sum() for t in np.unique(table[:, 0])}  # first-token marginal
+  model = _IIDChunks(table, q)
+  ids = np.concatenate([table[[0, 1, 0, 2, 3, 0, 1]], [[7, 7]]]).reshape(1, -1)  # one unseen
+  fn = jax.jit(lambda k: evaluate.calm_block_scores(model, model, jnp.asarray(ids), k)[0])
+  est = np.stack([np.asarray(fn(jax.random.key(i)))[0] for i in range(400)])  # [seeds, P, 4]
+  chunks = ids.reshape(-1, 2)
+  sq, sf = (q ** 2).sum(), sum(v ** 2 for v in first.values())
+  coll = np.array([sf, sq, sq * sf, sq * sq])
+  assert est.shape[1] == len(chunks) - 2
+  for s in range(est.shape[1]):
+    y1, y2 = chunks[s + 1], chunks[s + 2]
+    p1 = q[np.all(table == y1, axis=1)].sum()
+    p2 = q[np.all(table == y2, axis=1)].sum()
+    prob = np.array([first.get(y1[0], 0.0), p1, p1 * first.get(y2[0], 0.0), p1 * p2])
+    exact = 2 * prob - coll
+    mean, se = est[:, s].mean(0), est[:, s].std(0) / np.sqrt(len(est)) + 1e-6
+    assert np.all(np.abs(mean - exact) < 4 * se), (s, mean, exact, se)
