@@ -92,8 +92,9 @@ class SwiGLU(nnx.Module):
 
 
 # Up to this many rows, `attend_argmax` computes vocab-major logits [V, rows]: on a CPU that
-# matmul ran ~1.3× faster for 4–32 rows and ~1.6× slower for 800 (V=32000, D=256).
-VOCAB_MAJOR_MAX_ROWS = 64
+# matmul ran ~1.4× faster for 4 rows and ~1.1× for 32, even at 64, slower beyond (1.6× at 800;
+# V=32000, D=256).
+VOCAB_MAJOR_MAX_ROWS = 32
 
 
 class Embedding(nnx.Module):
