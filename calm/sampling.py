@@ -179,7 +179,7 @@ def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
   Two-level inverse CDF: a block of 256 vocabulary entries by its mass, then an entry within the
   block. Two uniforms per row instead of `jax.random.categorical`'s Gumbel noise on every entry
   (about 5× cheaper on a CPU at V = 32000); cumulative sums over at most V/256 and 256 terms
-  keep the float32 rounding of each probability near 1e-7 relative to its block's mass.
+  keep float32 rounding around 1e-6 of a block's mass, not of the whole distribution's.
   """
   B, V = logits_BV.shape
   nb = -(-V // _ICDF_BLOCK)
