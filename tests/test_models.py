@@ -96,6 +96,7 @@ def test_shapes(cfg):
   mu, logstd = jitted(ae, "encode")(ids)
   assert mu.shape == logstd.shape == (B, S, L)
   assert jitted(ae, "decode")(mu).shape == (B, S, K, V)
+  np.testing.assert_array_equal(jitted(ae)(ids), jitted(ae, "decode")(mu))  # __call__ = decode(μ)
   model = build(CALM, cfg, 1)
   h, cache = jitted(model, "hidden")(ids)
   assert h.shape == (B, S, cfg.backbone.hidden_dim) and cache is None

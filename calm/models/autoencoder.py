@@ -79,3 +79,8 @@ class Autoencoder(nnx.Module):
   def decode_ids(self, z_BSL: jax.Array) -> jax.Array:
     """Latents → argmax token ids [B, S, K] int32 (the chunk a latent decodes to)."""
     return self.embed.attend_argmax(self.decode_hidden(z_BSL))
+
+  def __call__(self, ids_BSK: jax.Array) -> jax.Array:
+    """Deterministic reconstruction logits (decode of μ)."""
+    mu_BSL, _ = self.encode(ids_BSK)
+    return self.decode(mu_BSL)
