@@ -1,8 +1,8 @@
 """Generate text from a CALM or AR run: `python sample.py --config CFG [--prompt TEXT|--file F] [k=v ...]`.
 
 Sampling settings come from the config's `sampling` section (temperature, sampler,
-num_candidates, max_attempts, draws_per_step, max_new_tokens, num_samples, top_k, top_p, seed); the flags below
-override them. Without --prompt/--file the prompt is read from stdin.
+num_candidates, max_attempts, draws_per_step, max_new_tokens, num_samples, top_k, top_p, seed);
+the flags below override them. Without --prompt/--file the prompt is read from stdin.
 """
 
 from __future__ import annotations

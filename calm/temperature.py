@@ -84,12 +84,14 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
   if max_attempts < 1 or draws_per_step < 1:
     raise CalmError(f"max_attempts and draws_per_step must be >= 1, got {max_attempts}, "
                     f"{draws_per_step}")
-  R = 1 if (n == 1 and alpha == 0.0) else draws_per_step
   draw_key, coin_key = jax.random.split(key)
+  if n == 1 and alpha == 0.0:  # T = 1: one draw is exact
+    first_BK = draw_fn(jax.random.fold_in(draw_key, 0), 1)[:, 0]
+    B = first_BK.shape[0]
+    return first_BK, jnp.ones((B,), bool), jnp.ones((B,), jnp.int32)
+  R = draws_per_step
   first_BRK = draw_fn(jax.random.fold_in(draw_key, 0), R)
   B = first_BRK.shape[0]
-  if n == 1 and alpha == 0.0:  # T = 1: one draw is exact
-    return first_BRK[:, 0], jnp.ones((B,), bool), jnp.ones((B,), jnp.int32)
 
   def update(state, y_BK, u_B):
     phase_B, x_BK, agree_B, k_B, fallback_BK, attempts_B = state

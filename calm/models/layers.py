@@ -112,8 +112,9 @@ class Embedding(nnx.Module):
 
   def attend_argmax(self, x_D: jax.Array) -> jax.Array:
     """argmax(attend(x)) as int32 ids [...]."""
-    x_D, table_VD = x_D.astype(self.dtype), self.table[...].astype(self.dtype)
     if x_D.size // x_D.shape[-1] > VOCAB_MAJOR_MAX_ROWS:
-      return jnp.argmax(jnp.einsum("...d,vd->...v", x_D, table_VD), axis=-1).astype(jnp.int32)
+      return jnp.argmax(self.attend(x_D), axis=-1).astype(jnp.int32)
     # Few rows (generation): vocab-major logits [V, ...] let the matmul stream the table once.
-    return jnp.argmax(jnp.einsum("vd,...d->v...", table_VD, x_D), axis=0).astype(jnp.int32)
+    logits_V = jnp.einsum("vd,...d->v...", self.table[...].astype(self.dtype),
+                          x_D.astype(self.dtype))
+    return jnp.argmax(logits_V, axis=0).astype(jnp.int32)
