@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from calm import checkpoint, config, sampling, tokenizer
+from calm import run, sampling
 from calm.errors import CalmError, ConfigError, cli
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
       ("temperature", args.temperature), ("sampler", args.sampler),
       ("num_samples", args.num_samples), ("max_new_tokens", args.max_tokens),
       ("seed", args.seed)) if v is not None]
-  cfg = config.load(args.config, list(args.overrides) + extra)
+  cfg = run.load_config(args.config, list(args.overrides) + extra)
   s = cfg.sampling
   if cfg.stage not in ("calm", "ar"):
     raise ConfigError(f"stage: sampling needs a calm or ar run, got {cfg.stage}")
@@ -74,17 +74,8 @@ def main(argv=None) -> int:
     text = path.read_text()
   else:
     text = args.prompt if args.prompt is not None else sys.stdin.read()
-  loaded = checkpoint.load_for_inference(cfg.run_dir, expect_stage=cfg.stage)
-  tok_cfg = cfg
-  if cfg.stage == "calm":
-    ae_dir = loaded.config.train.autoencoder or cfg.train.autoencoder
-    if not ae_dir:
-      raise ConfigError("train.autoencoder: the calm run's autoencoder directory is unknown")
-    ae = checkpoint.load_for_inference(ae_dir, expect_stage="autoencoder").model
-    if not cfg.data.tokenizer and (pathlib.Path(ae_dir) / "tokenizer.json").is_file():
-      tok_cfg = config.replace(cfg, **{"data.tokenizer": str(pathlib.Path(ae_dir) /
-                                                            "tokenizer.json")})
-  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir, train_if_missing=False)
+  r = run.load(cfg, stages_allowed=("calm", "ar"))
+  tok = r.tokenizer
   prompt = tok.encode(text) or [tok.eos_id]
   context = cfg.data.block_tokens  # the length the model was trained on
   if len(prompt) + s.max_new_tokens > context:
@@ -99,11 +90,11 @@ def main(argv=None) -> int:
   if cfg.stage == "calm":
     sampler = sampling.ChunkSampler(s.temperature, s.sampler, s.num_candidates, s.max_attempts,
                                     s.draws_per_step)
-    outs, stats = sampling.generate_calm(loaded.model, ae, prompts, key,
+    outs, stats = sampling.generate_calm(r.model, r.autoencoder.model, prompts, key,
                                          max_new_tokens=s.max_new_tokens, sampler=sampler,
                                          eos_id=tok.eos_id, pad_id=tok.pad_id, on_tokens=stream)
   else:
-    outs = sampling.generate_ar(loaded.model, prompts, key, max_new_tokens=s.max_new_tokens,
+    outs = sampling.generate_ar(r.model, prompts, key, max_new_tokens=s.max_new_tokens,
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id, on_tokens=stream)
   dt = time.time() - t0

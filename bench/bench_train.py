@@ -2,8 +2,8 @@
 
   python -m bench.bench_train [--sizes tiny] [--steps 3] [--rounds 5] [--out FILE]
 
-Uses the real step (`trainer.build_step_fns` + `make_optimizer`, jitted with donation exactly
-like `trainer.train`) on random token ids. The stages are timed interleaved (round-robin) so
+Uses the step `trainer.train` runs (`trainer.setup`: same optimizer, shardings, jit and
+donation) on random token ids. The stages are timed interleaved (round-robin) so
 other load on the machine hits them alike; MFU uses the matmul peak measured in the same run.
 """
 
@@ -18,12 +18,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from bench import common
-from calm import losses, metrics, sharding, stages, trainer
+from calm import losses, metrics, rng, sharding, stages, trainer
 from calm.errors import cli
-from calm.models.autoencoder import Autoencoder
 
 STAGES = ("autoencoder", "calm", "ar")
 
@@ -55,39 +53,28 @@ class Step:
 
 def build_step(size: common.Size, stage: str) -> Step:
   cfg = common.full_config(size, stage)
-  st = stages.get_stage(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  tx = trainer.make_optimizer(cfg.train)
-  graphdef, params = sharding.sharded_init(lambda: st.build(cfg.model, nnx.Rngs(0)), mesh)
-  opt_state, opt_sh = sharding.init_opt_state(tx, params, mesh)
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
-  ae_def = ae_params = ae_sh = None
-  if stage == "calm":
-    ae_def, ae_params = sharding.sharded_init(lambda: Autoencoder(cfg.model, rngs=nnx.Rngs(1)),
-                                              mesh)
-    ae_sh = jax.tree.map(lambda x: x.sharding, ae_params)
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
-  train_step, _ = trainer.build_step_fns(st, graphdef, tx, ae_def)
-  jitted = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh, repl, ae_sh),
-                   out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
+  ae = None
+  if stage == "calm":  # a random frozen autoencoder: the step's cost does not depend on it
+    ae_cfg = dataclasses.replace(cfg, stage="autoencoder", seed=1)
+    ae = sharding.sharded_init(lambda: stages.build_model(ae_cfg), sharding.make_mesh(cfg.mesh))
+  s = trainer.setup(cfg, autoencoder=ae)
   ids = jax.device_put(
       np.random.default_rng(0).integers(0, size.model.vocab_size, (size.batch, size.seq),
-                                        dtype=np.int32), batch_sh)
-  key = jax.random.PRNGKey(0)
+                                        dtype=np.int32), s.batch_sharding)
+  key = rng.stream(0, rng.TRAIN)
   t = time.perf_counter()
-  compiled = jitted.lower(params, opt_state, ids, key, ae_params).compile()
+  compiled = s.lower().compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   tokens = size.batch * size.seq
-  return Step(stage=stage, compiled=compiled, state=[params, opt_state, ids, key, ae_params],
+  return Step(stage=stage, compiled=compiled, state=[s.params, s.opt_state, ids, key, s.ae_params],
               compile_s=compile_s,
               flops_per_token=losses.model_flops_per_token(cfg.model, stage, size.seq),
               xla_flops_per_token=float(cost.get("flops", 0.0)) / tokens,
               temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else 0.0,
-              n_params=sum(x.size for x in jax.tree.leaves(params)))
+              n_params=s.num_params)
 
 
 def run(sizes: list[str], steps: int, rounds: int, peak: float) -> list[dict]:
@@ -116,7 +103,6 @@ def run(sizes: list[str], steps: int, rounds: int, peak: float) -> list[dict]:
           "flops_ratio_xla_over_model": b.xla_flops_per_token / b.flops_per_token,
           "tflops": tok_s * b.flops_per_token / 1e12, "mfu": tok_s * b.flops_per_token / peak,
           "peak_memory_mib": mem[stage], "xla_temp_mib": b.temp_mib})
-    del built
   return rows
 
 

@@ -83,7 +83,7 @@ def markdown(info: dict, peak: dict, train: list[dict], gen: list[dict], brier: 
       f"Matmul peak through JAX (MFU denominator): {peak['peak'] / 1e9:.1f} GFLOP/s "
       f"(best of n = {', '.join(peak['by_size'])} square float32 matmuls).",
       "",
-      "Training step (real `build_step_fns` + `make_optimizer`, donated state, random ids):",
+      "Training step (`trainer.setup`, as `trainer.train` runs it; donated state, random ids):",
       "",
       "| size | stage | batch×seq | params | compile s | step ms | tokens/s | vs ref | "
       "model MFLOP/token | XLA/model FLOPs | MFU | peak RSS MiB |",

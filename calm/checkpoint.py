@@ -23,10 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from calm import config as config_lib
+from calm import config as config_lib, pytree, sharding
 from calm.config import CheckpointConfig, Config
 from calm.errors import CalmError, CheckpointError
-from calm.sharding import _is_var, _key_str
 
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
@@ -57,37 +56,15 @@ def _is_prng_key(x: Any) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _flat(tree: Any) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
-  """[(path, leaf)] with nnx Variables as leaves, and the treedef to rebuild `tree`."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)
-  return [(tuple(_key_str(k) for k in p), leaf) for p, leaf in leaves], treedef
-
-
-def _nest(items: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
-  out: dict = {}
-  for path, value in items:
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1] if path else "_"] = value
-  return out
-
-
-def _lookup(tree: dict, path: tuple[str, ...]) -> Any:
-  for k in path or ("_",):
-    tree = tree[k]
-  return tree
-
-
 def _to_storable(tree: Any) -> dict:
   """Any pytree (nnx.State, optax state, ...) → nested str-keyed dict of arrays."""
   items = []
-  for path, leaf in _flat(tree)[0]:
-    value = leaf.get_value() if _is_var(leaf) else leaf
+  for path, leaf in pytree.flatten(tree)[0]:
+    value = pytree.value(leaf)
     if _is_prng_key(value):
       value = jax.random.key_data(value)
     items.append((path, value))
-  return _nest(items)
+  return pytree.nest(items)
 
 
 def _abstract_leaf(value: Any) -> jax.ShapeDtypeStruct:
@@ -104,34 +81,24 @@ def _abstract_leaf(value: Any) -> jax.ShapeDtypeStruct:
 
 def _abstract_storable(target: Any) -> dict:
   items = []
-  for path, leaf in _flat(target)[0]:
-    value = leaf.get_value() if _is_var(leaf) else leaf
+  for path, leaf in pytree.flatten(target)[0]:
+    value = pytree.value(leaf)
     items.append((path, _abstract_leaf(value)))
-  return _nest(items)
+  return pytree.nest(items)
 
 
 def _from_storable(restored: dict, target: Any) -> Any:
   """Puts restored arrays back into the structure (and Variable types) of `target`."""
-  flat, treedef = _flat(target)
+  flat, treedef = pytree.flatten(target)
   leaves = []
   for path, leaf in flat:
-    value = _lookup(restored, path)
-    old = leaf.get_value() if _is_var(leaf) else leaf
+    value = pytree.lookup(restored, path)
+    old = pytree.value(leaf)
     if _is_prng_key(old):
       impl = old.dtype._impl if isinstance(old, jax.ShapeDtypeStruct) else jax.random.key_impl(old)
       value = jax.random.wrap_key_data(value, impl=impl)
-    leaves.append(leaf.replace(value) if _is_var(leaf) else value)
+    leaves.append(leaf.replace(value) if pytree.is_variable(leaf) else value)
   return jax.tree.unflatten(treedef, leaves)
-
-
-def _flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten_dict(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _config_dict(c: Config | dict) -> dict:
@@ -152,7 +119,7 @@ def check_compatible(saved: Config | dict, current: Config | dict,
   `saved` / `current` are Configs, config dicts or checkpoint metadata dicts. Without `keys`,
   the architecture keys of the saved stage (ARCH_KEYS) are compared.
   """
-  s, c = _flatten_dict(_config_dict(saved)), _flatten_dict(_config_dict(current))
+  s, c = pytree.flatten_dict(_config_dict(saved)), pytree.flatten_dict(_config_dict(current))
   if keys is None:
     keys = ARCH_KEYS.get(s.get("stage", ""), _AE_KEYS)
   for k in keys:
@@ -173,8 +140,8 @@ def _check_leaves(saved_tree: Any, target: dict, item: str, where: str) -> None:
   if saved_tree is None:
     return
   tree = getattr(saved_tree, "tree", saved_tree)
-  saved = {".".join(p): leaf for p, leaf in _flat(tree)[0]}
-  want = {".".join(p): leaf for p, leaf in _flat(target)[0]}
+  saved = {".".join(p): leaf for p, leaf in pytree.flatten(tree)[0]}
+  want = {".".join(p): leaf for p, leaf in pytree.flatten(target)[0]}
   for k in sorted(want):
     if k not in saved:
       raise CheckpointError(f"{where}: {item}.{k} is not in the checkpoint (the model in the "
@@ -493,16 +460,14 @@ class Loaded:
     return nnx.merge(self.graphdef, self.params)
 
 
-def load_for_inference(run_dir: str | pathlib.Path, *, step: int | None = None, mesh=None,
-                       expect_stage: str | None = None,
-                       build: Callable[[Config], nnx.Module] | None = None) -> Loaded:
+def load_for_inference(run_dir: str | pathlib.Path, build: Callable[[Config], nnx.Module], *,
+                       step: int | None = None, mesh=None,
+                       expect_stage: str | None = None) -> Loaded:
   """Model parameters + metadata of a run's checkpoint (default the latest step).
 
-  The model is rebuilt from the saved config (`build`, default the stage's constructor) and its
-  parameters restored sharded over `mesh` (default: all devices, data-parallel).
+  The model is rebuilt from the saved config by `build` and its parameters restored sharded over
+  `mesh` (default: all devices, data-parallel).
   """
-  from calm import sharding
-
   ckpt_dir = _checkpoint_dir(run_dir)
   step, meta = read_metadata(ckpt_dir, step)
   where = str(ckpt_dir / str(step))
@@ -511,11 +476,6 @@ def load_for_inference(run_dir: str | pathlib.Path, *, step: int | None = None, 
     cfg = config_lib.from_dict(meta.get("config") or {})
   except CalmError as e:
     raise CheckpointError(f"{where}: the saved config is not valid any more ({e})") from None
-  if build is None:
-    from calm import stages
-
-    stage = stages.get_stage(cfg)
-    build = lambda c: stage.build(c.model, nnx.Rngs(c.seed))
   if mesh is None:
     mesh = sharding.make_mesh(config_lib.MeshConfig())
   graphdef, abstract = sharding.abstract_state(lambda: build(cfg), mesh)

@@ -272,19 +272,23 @@ def from_dict(raw: dict) -> Config:
   return cfg
 
 
+def read_yaml(path: str | pathlib.Path) -> dict:
+  """The raw mapping of a YAML config file."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise ConfigError(f"config file not found: {p}")
+  try:
+    raw = yaml.safe_load(p.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{p}: top level must be a mapping")
+  return raw
+
+
 def load(path: str | pathlib.Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
   """Loads a YAML config (or defaults), applies `key=value` overrides and validates."""
-  raw: dict = {}
-  if path:
-    p = pathlib.Path(path)
-    if not p.is_file():
-      raise ConfigError(f"config file not found: {p}")
-    try:
-      raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-      raise ConfigError(f"{p}: top level must be a mapping")
+  raw = read_yaml(path) if path else {}
   for o in overrides:
     k, v = parse_override(o)
     _set_dotted(raw, k, v)

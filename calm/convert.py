@@ -615,16 +615,18 @@ def _copy_tokenizer(srcs: Sequence[pathlib.Path], dst: pathlib.Path) -> str:
 def write_run(run_dir: str | pathlib.Path, cfg: Config, params: Mapping[str, np.ndarray], *,
               source: str = "") -> pathlib.Path:
   """Writes a step-0 checkpoint of `params` ({dotted path: array}) and config.yaml."""
-  from calm import checkpoint
+  from calm import checkpoint, run
 
   run_dir = pathlib.Path(run_dir).absolute()
   ckpt_dir = run_dir / checkpoint.SUBDIR
   if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise CheckpointError(f"{run_dir} already holds checkpoints; choose another --out")
   run_dir.mkdir(parents=True, exist_ok=True)
-  config_lib.dump(cfg, run_dir / "config.yaml")
+  cfg = config_lib.replace(cfg, run_dir=str(run_dir))
+  run.save_config(cfg)
   meta = {"stage": cfg.stage, "config": config_lib.to_dict(cfg),
-          "autoencoder": cfg.train.autoencoder, "converted_from": source}
+          "paths": run.absolute_paths(cfg), "autoencoder": cfg.train.autoencoder,
+          "converted_from": source}
   with checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta) as ckpt:
     ckpt.save_now(0, params=_nest(params))
   return run_dir
@@ -733,11 +735,11 @@ def export_reference(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
   import jax
   from flax import nnx
 
-  from calm import checkpoint
+  from calm import run
 
   if format not in ("safetensors", "npz"):
     raise CalmError(f"format must be safetensors or npz, got {format!r}")
-  loaded = checkpoint.load_for_inference(run_dir, step=step)
+  loaded = run.load_model(run_dir, step=step)
   flat = {".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
           for p, v in nnx.to_flat_state(loaded.params)}
   weights = from_params(flat, loaded.config.stage, loaded.config.model)

@@ -224,10 +224,10 @@ def format_table(summary: dict) -> str:
 def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = "") -> int:
   """Held-out reconstruction of an autoencoder run: token accuracy and chunk exact match from μ,
   token accuracy with Gaussian noise σ ∈ eval.noise_sigmas added to the latent."""
-  from calm import checkpoint, config, data, stages, tokenizer
+  from calm import config, data, run, stages
 
-  loaded = checkpoint.load_for_inference(cfg.run_dir, step=step, expect_stage="autoencoder")
-  tok = tokenizer.get_tokenizer(cfg, cfg.run_dir, train_if_missing=False)
+  r = run.load(cfg, step=step, stages_allowed=("autoencoder",))
+  loaded, tok = r.loaded, r.tokenizer
   block_cfg = config.replace(cfg, **{"data.block_tokens": cfg.eval.block_tokens})
   blocks = data.eval_blocks(block_cfg, tok, None, source)
   bs = cfg.eval.batch_size
@@ -263,7 +263,7 @@ def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from calm import checkpoint, config, data, tokenizer
+  from calm import data, run
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
@@ -271,31 +271,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--out", default="", help="JSON path (default RUN_DIR/brierlm.json)")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
-  cfg = config.load(args.config, args.overrides)
+  cfg = run.load_config(args.config, args.overrides)
   source = cfg.eval.data or cfg.data.eval
   if not source:
     raise ConfigError("eval.data: name the held-out documents (e.g. eval.data=PATH)")
   if cfg.stage == "autoencoder":
     return autoencoder_report(cfg, source, step=args.step, out=args.out)
-  loaded = checkpoint.load_for_inference(cfg.run_dir, step=args.step, expect_stage=cfg.stage)
-  models = (loaded.model,)
-  ckpts = {cfg.stage: f"{loaded.run_dir} step {loaded.step}"}
-  tok_cfg = cfg
-  if cfg.stage == "calm":
-    ae_dir = loaded.config.train.autoencoder or cfg.train.autoencoder
-    if not ae_dir:
-      raise ConfigError("train.autoencoder: the calm run's autoencoder directory is unknown")
-    ae = checkpoint.load_for_inference(ae_dir, expect_stage="autoencoder")
-    models += (ae.model,)
-    ckpts["autoencoder"] = f"{ae.run_dir} step {ae.step}"
-    if not cfg.data.tokenizer and (pathlib.Path(ae_dir) / "tokenizer.json").is_file():
-      tok_cfg = config.replace(cfg, **{"data.tokenizer": str(pathlib.Path(ae_dir) /
-                                                            "tokenizer.json")})
-  tok = tokenizer.get_tokenizer(tok_cfg, cfg.run_dir, train_if_missing=False)
+  r = run.load(cfg, step=args.step, stages_allowed=("calm", "ar"))
+  models = (r.model,) if r.autoencoder is None else (r.model, r.autoencoder.model)
+  ckpts, tok = r.checkpoints, r.tokenizer
   docs = data.tokenized_documents(source, cfg.data, tok)
   if cfg.eval.max_documents:
     docs = docs[:cfg.eval.max_documents]
-  K = loaded.config.model.chunk_size
+  K = r.loaded.config.model.chunk_size
   t0 = time.time()
   est, doc_ids = score_documents(cfg.stage, models, docs, block_tokens=cfg.eval.block_tokens,
                                  chunk_size=K, batch_size=cfg.eval.batch_size,

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from calm import pytree
 from calm.config import MeshConfig
 from calm.errors import ConfigError
 
@@ -140,21 +141,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------- state shardings
 
 
-def _is_var(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _value(x: Any) -> Any:
-  return x.get_value() if _is_var(x) else x
-
-
 def _var_spec(v: nnx.Variable, mesh: Mesh) -> P | None:
   value = v.get_value()
   if not hasattr(value, "shape"):
@@ -168,9 +154,9 @@ def _var_spec(v: nnx.Variable, mesh: Mesh) -> P | None:
 def _param_specs(tree: Any, mesh: Mesh) -> dict[tuple[str, ...], tuple[tuple[int, ...], P]]:
   """path -> (shape, spec) of every annotated Variable (or sharded array) in `tree`."""
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]:
-    key = tuple(_key_str(k) for k in path)
-    if _is_var(leaf):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=pytree.is_variable)[0]:
+    key = tuple(pytree.key_str(k) for k in path)
+    if pytree.is_variable(leaf):
       spec = _var_spec(leaf, mesh)
       if spec is not None and leaf.get_metadata().get("out_sharding"):
         out[key] = (tuple(leaf.get_value().shape), spec)
@@ -192,21 +178,21 @@ def state_shardings(abstract_state: Any, mesh: Mesh, like: Any = None) -> Any:
   params.update(_param_specs(abstract_state, mesh))
 
   def one(path, leaf):
-    value = _value(leaf)
+    value = pytree.value(leaf)
     if not hasattr(value, "shape"):
-      return leaf.replace(None) if _is_var(leaf) else None
-    spec = _var_spec(leaf, mesh) if _is_var(leaf) else None
+      return leaf.replace(None) if pytree.is_variable(leaf) else None
+    spec = _var_spec(leaf, mesh) if pytree.is_variable(leaf) else None
     if not spec:  # unannotated: borrow from the parameter it mirrors
-      key = tuple(_key_str(k) for k in path)
+      key = tuple(pytree.key_str(k) for k in path)
       for i in range(len(key)):
         hit = params.get(key[i:])
         if hit is not None and hit[0] == tuple(value.shape):
           spec = hit[1]
           break
     sharding = NamedSharding(mesh, spec or P())
-    return leaf.replace(sharding) if _is_var(leaf) else sharding
+    return leaf.replace(sharding) if pytree.is_variable(leaf) else sharding
 
-  return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_var)
+  return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=pytree.is_variable)
 
 
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -256,10 +242,10 @@ def init_opt_state(tx: Any, params: Any, mesh: Mesh) -> tuple[Any, Any]:
 def describe(state: Any) -> str:
   """One line per array: path, shape, spec (for logs); also takes a tree of shardings."""
   lines = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
-    value = _value(leaf)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=pytree.is_variable)[0]:
+    value = pytree.value(leaf)
     sharding = value if isinstance(value, NamedSharding) else getattr(value, "sharding", None)
     spec = sharding.spec if isinstance(sharding, NamedSharding) else "-"
     shape = "" if isinstance(value, NamedSharding) else f" {tuple(np.shape(value))}"
-    lines.append(f"{'/'.join(_key_str(k) for k in path)}{shape} {spec}")
+    lines.append(f"{'/'.join(pytree.key_str(k) for k in path)}{shape} {spec}")
   return "\n".join(lines)

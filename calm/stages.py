@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from calm import losses
+from calm import losses, rng
 from calm.config import Config, ModelConfig
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
@@ -77,3 +77,8 @@ def _ar_stage(cfg: Config) -> Stage:
 
 def get_stage(cfg: Config) -> Stage:
   return {"autoencoder": _ae_stage, "calm": _calm_stage, "ar": _ar_stage}[cfg.stage](cfg)
+
+
+def build_model(cfg: Config) -> nnx.Module:
+  """The stage's model with freshly initialised parameters (seed `cfg.seed`)."""
+  return get_stage(cfg).build(cfg.model, rng.init_rngs(cfg.seed))

@@ -7,15 +7,12 @@ import json
 import logging
 import os
 import pathlib
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from calm.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-  from calm.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -148,48 +145,3 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   pad = _find_id(tok, _config_token(side, "pad_token"), _PAD_NAMES)
   return Tokenizer(tok, pad_id=eos if pad is None else pad, bos_id=eos if bos is None else bos,
                    eos_id=eos)
-
-
-def _sample_texts(docs: Sequence[str], max_bytes: int) -> list[str]:
-  """An evenly strided sample of documents totalling at most ~max_bytes characters."""
-  total = sum(len(d) for d in docs)
-  stride = max(1, -(-total // max(1, max_bytes)))
-  out, n = [], 0
-  for d in docs[::stride]:
-    if n + len(d) > max_bytes:
-      if not out:
-        out.append(d[:max_bytes])
-      break
-    out.append(d)
-    n += len(d)
-  return out
-
-
-def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *,
-                  train_if_missing: bool = True) -> Tokenizer:
-  """cfg.data.tokenizer, else run_dir/tokenizer.json, else a BPE trained on the training data.
-
-  With `train_if_missing=False` (inference), a missing tokenizer is a DataError instead.
-  """
-  run_path = pathlib.Path(run_dir)
-  local = run_path / "tokenizer.json"
-  if cfg.data.tokenizer:
-    tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
-  elif local.is_file():
-    tok, where = load_tokenizer(local), str(local)
-  elif not train_if_missing:
-    raise DataError(f"no tokenizer: {local} does not exist and data.tokenizer is not set")
-  else:
-    from calm.data import read_documents  # local import: data depends on this module
-
-    docs = read_documents(cfg.data.train, cfg.data)
-    sample = _sample_texts(docs, cfg.data.tokenizer_train_bytes)
-    log.info("training a %d-token BPE on %d documents (%d characters)", cfg.model.vocab_size,
-             len(sample), sum(map(len, sample)))
-    tok, where = train_tokenizer(sample, cfg.model.vocab_size), str(local)
-    tok.save(local)
-  if tok.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"model.vocab_size: tokenizer {where} has {tok.vocab_size} tokens but "
-                      f"model.vocab_size is {cfg.model.vocab_size}; set it to at least "
-                      f"{tok.vocab_size}")
-  return tok

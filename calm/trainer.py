@@ -1,4 +1,5 @@
-"""The training loop shared by the autoencoder, CALM and AR stages."""
+"""Training shared by the autoencoder, CALM and AR stages: `setup` (state, shardings, compiled
+step) and `train` (data, resume, the loop and its logging / evaluation / checkpoint hooks)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import checkpoint, config, data, distributed, losses, metrics, sharding, stages
+from calm import (checkpoint, config, data, distributed, losses, metrics, rng, run, sharding,
+                  stages)
 from calm.config import Config
 from calm.errors import CalmError, ConfigError
-from calm.tokenizer import get_tokenizer
 
 
 def make_optimizer(t: config.TrainConfig) -> optax.GradientTransformation:
@@ -31,11 +32,6 @@ def make_optimizer(t: config.TrainConfig) -> optax.GradientTransformation:
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
   )
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def build_step_fns(stage: stages.Stage, graphdef, tx: optax.GradientTransformation,
@@ -68,6 +64,99 @@ def build_step_fns(stage: stages.Stage, graphdef, tx: optax.GradientTransformati
 
 
 @dataclasses.dataclass
+class Setup:
+  """A stage ready to train: state in its shardings and the jitted train / eval steps.
+
+  `train_step(params, opt_state, ids_BT, key, ae_params) -> (params, opt_state, metrics)`
+  donates its state; `eval_step(params, ids_BT, key, ae_params) -> metrics`.
+  """
+
+  cfg: Config
+  mesh: jax.sharding.Mesh
+  stage: stages.Stage
+  tx: optax.GradientTransformation
+  graphdef: Any
+  params: Any
+  opt_state: Any
+  ae_params: Any  # the frozen autoencoder (calm stage), else None
+  ae_dir: pathlib.Path | None
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any
+  eval_step: Any
+
+  def abstract_batch(self) -> jax.ShapeDtypeStruct:
+    """The global [batch, block_tokens] int32 batch, abstract."""
+    return jax.ShapeDtypeStruct((self.cfg.train.batch_size, self.cfg.data.block_tokens),
+                                jnp.int32, sharding=self.batch_sharding)
+
+  def lower(self):
+    """The training step lowered for this state (nothing runs)."""
+    key = jax.eval_shape(lambda: rng.stream(0, rng.TRAIN))
+    return self.train_step.lower(self.params, self.opt_state, self.abstract_batch(), key,
+                                 self.ae_params)
+
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.params))
+
+
+def _abstract_opt_state(tx, params, mesh):
+  abstract = jax.eval_shape(tx.init, params)
+  return sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh, like=params))
+
+
+def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool = False,
+          autoencoder: tuple[Any, Any] | None = None) -> Setup:
+  """Builds the stage's model and optimizer state directly in their shardings, and jits the steps.
+
+  `abstract=True` builds shapes only (ShapeDtypeStructs carrying shardings): nothing is
+  allocated, and no trained autoencoder is needed (`Setup.lower().compile()` then analyses the
+  step). `autoencoder=(graphdef, params)` supplies the calm stage's frozen autoencoder instead of
+  loading `train.autoencoder`.
+  """
+  stage = stages.get_stage(cfg)
+  mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.train.batch_size % batch_shards:
+    raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                      f"{batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  tx = make_optimizer(cfg.train)
+  build = lambda: stages.build_model(cfg)
+  ae_graphdef = ae_params = ae_dir = None
+  if abstract:
+    graphdef, params = sharding.abstract_state(build, mesh)
+    opt_state = _abstract_opt_state(tx, params, mesh)
+  else:
+    graphdef, params = sharding.sharded_init(build, mesh)
+    opt_state, _ = sharding.init_opt_state(tx, params, mesh)
+  if cfg.stage == "calm":
+    if autoencoder is not None:
+      ae_graphdef, ae_params = autoencoder
+    elif abstract:
+      ae_cfg = dataclasses.replace(cfg, stage="autoencoder")
+      ae_graphdef, ae_params = sharding.abstract_state(lambda: stages.build_model(ae_cfg), mesh)
+    else:
+      loaded = run.frozen_autoencoder(cfg, mesh)
+      ae_graphdef, ae_params, ae_dir = loaded.graphdef, loaded.params, loaded.run_dir
+
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  param_sh, opt_sh = shardings_of(params), shardings_of(opt_state)
+  ae_sh = None if ae_params is None else shardings_of(ae_params)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step, eval_step = build_step_fns(stage, graphdef, tx, ae_graphdef)
+  train_step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh, repl, ae_sh),
+                       out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
+  eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl, ae_sh),
+                      out_shardings=repl)
+  return Setup(cfg=cfg, mesh=mesh, stage=stage, tx=tx, graphdef=graphdef, params=params,
+               opt_state=opt_state, ae_params=ae_params, ae_dir=ae_dir, batch_sharding=batch_sh,
+               train_step=train_step, eval_step=eval_step)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
 class TrainResult:
   step: int
   history: list[dict]
@@ -75,16 +164,74 @@ class TrainResult:
   run_dir: pathlib.Path
 
 
-def _load_frozen_autoencoder(cfg: Config, mesh) -> tuple[Any, Any, pathlib.Path]:
-  """The CALM stage's frozen autoencoder: (graphdef, params) checked against cfg.model."""
-  if not cfg.train.autoencoder:
-    raise ConfigError("train.autoencoder: the calm stage needs the autoencoder's run directory")
-  ae_dir = pathlib.Path(cfg.train.autoencoder)
-  loaded = checkpoint.load_for_inference(ae_dir, mesh=mesh, expect_stage="autoencoder")
-  checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.ARCH_KEYS["autoencoder"],
-                              what=f"autoencoder {ae_dir}")
-  graphdef, params = loaded.graphdef, loaded.params
-  return graphdef, params, ae_dir
+def _prepare_run_dir(cfg: Config) -> pathlib.Path:
+  run_dir = pathlib.Path(cfg.run_dir)
+  if run_dir.exists() and not run_dir.is_dir():
+    raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.save_config(cfg)
+  return run_dir
+
+
+class LogHook:
+  """Every `train.log_every` steps: window-averaged metrics, tokens/s, TFLOP/s per device, MFU."""
+
+  def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm):
+    self.every, self.logger, self.bar = cfg.train.log_every, logger, bar
+    self.flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage,
+                                                        cfg.data.block_tokens)
+    self.peak = cfg.train.peak_flops or metrics.measure_peak_flops()
+    self.tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
+    self.clock = metrics.Throughput()
+    self.window: list[dict] = []
+
+  def add(self, m: dict) -> None:
+    self.window.append(m)
+
+  def __call__(self, step: int) -> None:
+    avg = metrics.mean_tree([{k: v for k, v in r.items() if k != "step"} for r in self.window])
+    tok_s = self.clock.rate(self.tokens_per_step * len(self.window))
+    flops = tok_s * self.flops_per_token
+    avg.update(tokens_per_s=tok_s, tflops_per_device=flops / jax.device_count() / 1e12,
+               mfu=flops / (self.peak * jax.device_count()))
+    self.window.clear()
+    self.logger.write(step, avg, prefix="train/")
+    self.bar.set_postfix(loss=f"{avg['loss']:.4g}", tok_s=f"{tok_s:.0f}")
+
+
+class EvalHook:
+  """Every `train.eval_every` steps: the stage's metrics averaged over the held-out batches."""
+
+  def __init__(self, s: Setup, blocks_NT: np.ndarray, logger: metrics.MetricsLogger):
+    self.s, self.blocks, self.logger = s, blocks_NT, logger
+    self.every = s.cfg.train.eval_every
+    self.key = rng.stream(s.cfg.seed, rng.EVAL)
+    self.history: list[dict] = []
+
+  def __call__(self, step: int, params: Any) -> None:
+    cfg, rows = self.s.cfg, []
+    for n, i in enumerate(range(0, len(self.blocks), cfg.train.batch_size)):
+      ids = _local_eval_slice(self.blocks, i, cfg, self.s.batch_sharding)
+      key = jax.random.fold_in(self.key, n)
+      rows.append(jax.device_get(self.s.eval_step(params, ids, key, self.s.ae_params)))
+    ev = metrics.mean_tree(rows)
+    self.history.append({**ev, "step": step})
+    self.logger.write(step, ev, prefix="eval/")
+    if jax.process_index() == 0:
+      tqdm.write(f"eval @ {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+
+
+def _eval_blocks(cfg: Config, tokenizer, run_dir: pathlib.Path) -> np.ndarray | None:
+  if not cfg.data.eval:
+    return None
+  blocks = data.eval_blocks(cfg, tokenizer, run_dir, cfg.data.eval)
+  n_eval = (len(blocks) // cfg.train.batch_size) * cfg.train.batch_size
+  if n_eval == 0:
+    raise CalmError(f"data.eval: {cfg.data.eval} holds {len(blocks)} blocks of "
+                    f"{cfg.data.block_tokens} tokens, fewer than one batch of "
+                    f"{cfg.train.batch_size}")
+  return blocks[:min(n_eval, cfg.train.eval_batches * cfg.train.batch_size)]
 
 
 def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
@@ -93,100 +240,54 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
   `max_steps` stops early (for tests) without changing the schedule.
   """
   distributed.maybe_initialize(cfg.distributed)
-  run_dir = pathlib.Path(cfg.run_dir)
+  run_dir = _prepare_run_dir(cfg)
   main = jax.process_index() == 0
-  if main:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.dump(cfg, run_dir / "config.yaml")
-  stage = stages.get_stage(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.train.batch_size % batch_shards:
-    raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
-                      f"{batch_shards} batch shards of mesh {dict(mesh.shape)}")
-
-  ae_graphdef = ae_params = None
-  ae_dir = None
-  tok_cfg = cfg
-  if cfg.stage == "calm":
-    ae_graphdef, ae_params, ae_dir = _load_frozen_autoencoder(cfg, mesh)
-    if not cfg.data.tokenizer and (ae_dir / "tokenizer.json").exists():
-      tok_cfg = config.replace(cfg, **{"data.tokenizer": str(ae_dir / "tokenizer.json")})
-  tokenizer = get_tokenizer(tok_cfg, run_dir)
-
-  # Model + optimizer, initialised directly into their shardings.
-  tx = make_optimizer(cfg.train)
-  graphdef, params = sharding.sharded_init(
-      lambda: stage.build(cfg.model, nnx.Rngs(cfg.seed)), mesh)
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
-  opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, params), mesh, like=params)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  train_step, eval_step = build_step_fns(stage, graphdef, tx, ae_graphdef)
-  ae_sh = None if ae_params is None else jax.tree.map(lambda x: x.sharding, ae_params)
-  train_step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh, repl, ae_sh),
-                       out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
-  eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl, ae_sh),
-                      out_shardings=repl)
-
-  # Data and resume.
+  s = setup(cfg)
+  tokenizer = run.get_tokenizer(cfg, run_dir, ae_dir=s.ae_dir)
   it = data.make_train_iterator(cfg, tokenizer, run_dir, process_index=jax.process_index(),
                                 process_count=jax.process_count())
-  eval_blocks = None
-  if cfg.data.eval:
-    eval_blocks = data.eval_blocks(cfg, tokenizer, run_dir, cfg.data.eval)
-    n_eval = (len(eval_blocks) // cfg.train.batch_size) * cfg.train.batch_size
-    if n_eval == 0:
-      raise CalmError(f"data.eval: {cfg.data.eval} holds {len(eval_blocks)} blocks of "
-                      f"{cfg.data.block_tokens} tokens, fewer than one batch of "
-                      f"{cfg.train.batch_size}")
-    eval_blocks = eval_blocks[:min(n_eval, cfg.train.eval_batches * cfg.train.batch_size)]
+  eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
 
-  meta = {"stage": cfg.stage, "config": config.to_dict(cfg),
-          "autoencoder": str(ae_dir.resolve()) if ae_dir else "",
+  meta = {"stage": cfg.stage, "config": config.to_dict(cfg), "paths": run.absolute_paths(cfg),
+          "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
           "tokenizer_vocab_size": tokenizer.vocab_size}
   ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
-  start = 0
+  params, opt_state, start = s.params, s.opt_state, 0
   latest = ckpt.latest_step()
   if latest is not None:
-    restored = ckpt.restore(latest, params=params, opt_state=opt_state, expect_config=cfg)
-    params, opt_state = restored.params, restored.opt_state
+    try:
+      restored = ckpt.restore(latest, params=params, opt_state=opt_state, expect_config=cfg)
+    except BaseException:
+      ckpt.close()
+      raise
+    params, opt_state, start = restored.params, restored.opt_state, latest
     it.set_state(restored.data_state)
-    start = latest
     if main:
       print(f"resumed {cfg.stage} from step {start} in {run_dir}")
   ckpt.install_preemption_handler()
-
-  logger = metrics.MetricsLogger(run_dir)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
-  peak = cfg.train.peak_flops or metrics.measure_peak_flops()
-  tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
-  root_key = jax.random.PRNGKey(cfg.seed)
   end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
 
   t_compile = time.perf_counter()
-  compiled = train_step.lower(params, opt_state,
-                              jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.block_tokens),
-                                                   jnp.int32, sharding=batch_sh),
-                              root_key, ae_params).compile()
+  compiled = s.lower().compile()
   t_compile = time.perf_counter() - t_compile
   if main:
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
-    print(f"{cfg.stage}: {n_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} MFLOP/token, "
-          f"compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
-          f"mesh {dict(mesh.shape)}, steps {start}→{end}")
+    flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
+    print(f"{cfg.stage}: {s.num_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} "
+          f"MFLOP/token, compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
+          f"mesh {dict(s.mesh.shape)}, steps {start}→{end}")
 
+  logger = metrics.MetricsLogger(run_dir)
+  bar = tqdm(total=end, initial=start, disable=not (progress and main), desc=cfg.stage,
+             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+  log_hook = LogHook(cfg, logger, bar)
+  eval_hook = EvalHook(s, eval_blocks, logger) if eval_blocks is not None else None
+  train_key = rng.stream(cfg.seed, rng.TRAIN)
   history: list[dict] = []
-  eval_history: list[dict] = []
   pending = None  # (step, device metrics) read one step late to keep dispatch async
-  clock = metrics.Throughput()
-  window: list[dict] = []
 
-  def consume(step: int, m_dev) -> dict:
+  def consume(step: int, m_dev) -> None:
     m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
     if not m.pop("finite"):
       if cfg.train.on_nan == "stop":
@@ -196,54 +297,31 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
       m["skipped"] = 1.0
     m["step"] = step
     history.append(m)
-    window.append(m)
-    return m
+    log_hook.add(m)
 
-  def run_eval(step: int) -> None:
-    if eval_blocks is None:
-      return
-    rows = []
-    for i in range(0, len(eval_blocks), cfg.train.batch_size):
-      ids = _local_eval_slice(eval_blocks, i, cfg, batch_sh)
-      rows.append(jax.device_get(eval_step(params, ids, jax.random.PRNGKey(1234), ae_params)))
-    ev = metrics.mean_tree(rows)
-    ev["step"] = step
-    eval_history.append(ev)
-    logger.write(step, {k: v for k, v in ev.items() if k != "step"}, prefix="eval/")
-    if main:
-      tqdm.write(f"eval @ {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()
-                                                 if k != "step"))
-
-  bar = tqdm(total=end, initial=start, disable=not (progress and main), desc=cfg.stage,
-             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
   step = start
   try:
     for step in range(start + 1, end + 1):
-      ids = data.to_global(next(it), batch_sh)
-      key = jax.random.fold_in(root_key, step)
-      params, opt_state, m_dev = compiled(params, opt_state, ids, key, ae_params)
+      ids = data.to_global(next(it), s.batch_sharding)
+      key = jax.random.fold_in(train_key, step)
+      params, opt_state, m_dev = compiled(params, opt_state, ids, key, s.ae_params)
       if pending is not None:
         consume(*pending)
       pending = (step, m_dev)
       bar.update(1)
+      last = step == end
       preempted = ckpt.reached_preemption(step)
-      boundary = (step % cfg.train.log_every == 0 or step % cfg.checkpoint.every == 0
-                  or step == end or preempted or step % cfg.train.eval_every == 0)
-      if boundary:
+      do_log = step % log_hook.every == 0 or last
+      do_eval = eval_hook is not None and (step % eval_hook.every == 0 or last)
+      do_save = step % cfg.checkpoint.every == 0 or last or preempted
+      if do_log or do_eval or do_save:
         consume(*pending)
         pending = None
-      if step % cfg.train.log_every == 0 or step == end:
-        avg = metrics.mean_tree([{k: v for k, v in r.items() if k != "step"} for r in window])
-        tok_s = clock.rate(tokens_per_step * len(window))
-        avg.update(tokens_per_s=tok_s,
-                   tflops_per_device=tok_s * flops_per_token / jax.device_count() / 1e12,
-                   mfu=tok_s * flops_per_token / (peak * jax.device_count()))
-        window.clear()
-        logger.write(step, avg, prefix="train/")
-        bar.set_postfix(loss=f"{avg['loss']:.4g}", tok_s=f"{tok_s:.0f}")
-      if step % cfg.train.eval_every == 0 or step == end:
-        run_eval(step)
-      if step % cfg.checkpoint.every == 0 or step == end or preempted:
+      if do_log:
+        log_hook(step)
+      if do_eval:
+        eval_hook(step, params)
+      if do_save:
         ckpt.save(step, params=params, opt_state=opt_state, data_state=it.get_state(),
                   loss=history[-1]["loss"])
         if preempted:
@@ -256,7 +334,9 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
     bar.close()
     ckpt.close()
     logger.close()
-  return TrainResult(step=step, history=history, eval_history=eval_history, run_dir=run_dir)
+  return TrainResult(step=step, history=history,
+                     eval_history=eval_hook.history if eval_hook is not None else [],
+                     run_dir=run_dir)
 
 
 def _local_eval_slice(eval_blocks: np.ndarray, i: int, cfg: Config, batch_sh) -> jax.Array:

@@ -172,7 +172,7 @@ def test_preemption_signal_triggers_a_save(tmp_path, trained):
 def test_missing_checkpoints_are_one_line_errors(tmp_path, saved, trained):
   cfg, _ = saved
   with pytest.raises(CheckpointError, match="checkpoint directory not found"):
-    checkpoint.load_for_inference(tmp_path / "nope")
+    checkpoint.load_for_inference(tmp_path / "nope", lambda c: None)
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match="no checkpoint in"):
     checkpoint.read_metadata(tmp_path / "empty")
@@ -246,15 +246,15 @@ def test_load_for_inference_and_autoencoder_fingerprint(tmp_path, saved, trained
   state = trained[0]
   build = lambda c: Toy(rngs=nnx.Rngs(c.seed))
   one = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-  loaded = checkpoint.load_for_inference(cfg.run_dir, mesh=one, expect_stage="autoencoder",
-                                         build=build)
+  loaded = checkpoint.load_for_inference(cfg.run_dir, build, mesh=one,
+                                         expect_stage="autoencoder")
   assert loaded.step == 10 and loaded.config == cfg
   assert loaded.run_dir == pathlib.Path(cfg.run_dir)
   model = loaded.model
   np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(state["embed"][...]))
   assert model.embed[...].sharding.num_devices == 1
   with pytest.raises(CheckpointError, match="holds a 'autoencoder' checkpoint, expected 'calm'"):
-    checkpoint.load_for_inference(cfg.run_dir, expect_stage="calm", build=build)
+    checkpoint.load_for_inference(cfg.run_dir, build, expect_stage="calm")
 
   # A CALM run records the autoencoder it depends on; a changed autoencoder blocks resuming.
   calm_cfg = config.replace(cfg, stage="calm", run_dir=str(tmp_path / "calm"))

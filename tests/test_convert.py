@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from calm import checkpoint, config as config_lib, convert
+from calm import checkpoint, config as config_lib, convert, run
 from calm.errors import CalmError, cli
 from calm.stages import get_stage
 
@@ -84,7 +84,7 @@ def converted(tmp_path_factory):
   ae_src, calm_src, llama_src, data = _fixture_sources(tmp)
   (ae_src / "tokenizer.json").write_text("{}")
   runs = convert.convert(tmp / "run", ae=ae_src, calm=calm_src, llama=llama_src)
-  loaded = {s: checkpoint.load_for_inference(d, expect_stage=s) for s, d in runs.items()}
+  loaded = {s: run.load_model(d, expect_stage=s) for s, d in runs.items()}
   return runs, loaded, data
 
 
@@ -224,7 +224,7 @@ def test_round_trip(tmp_path, variant, fmt):
   K, V = base.model.chunk_size, base.model.vocab_size
   ids = jax.random.randint(jax.random.key(0), (2, 4 * K), 0, V)
   for stage, model in models.items():
-    loaded = checkpoint.load_for_inference(runs[stage], expect_stage=stage)
+    loaded = run.load_model(runs[stage], expect_stage=stage)
     assert _described(loaded.config.model, stage) == _described(base.model, stage)
     want, got = _flat(model), _flat(loaded.model)
     assert want.keys() == got.keys()

@@ -8,8 +8,9 @@ import tokenizers
 from tokenizers import models, pre_tokenizers
 
 from calm import config
+from calm.run import get_tokenizer
 from calm.errors import CalmError, ConfigError, DataError
-from calm.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, train_tokenizer
+from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 
 def _paragraphs(path: pathlib.Path, limit: int) -> list[str]:

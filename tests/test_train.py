@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from calm import checkpoint, config, sharding, stages, trainer
+from calm import run as run_lib
 from calm.config import MeshConfig
 from calm.errors import CalmError, CheckpointError
 
@@ -42,7 +43,9 @@ def test_autoencoder_stage_learns_and_writes_run_dir(ae_run):
   assert len(losses_) == cfg.train.steps
   assert np.mean(losses_[-5:]) < np.mean(losses_[:5]) - 0.3
   run = pathlib.Path(cfg.run_dir)
-  assert config.load(run / "config.yaml") == cfg
+  saved = run_lib.load_config(run / "config.yaml")  # paths resolved against the run directory
+  assert run_lib.portable(saved) == run_lib.portable(cfg)
+  assert run_lib.absolute_paths(saved) == run_lib.absolute_paths(cfg)
   assert (run / "tokenizer.json").exists()
   rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
   assert any("train/tokens_per_s" in r for r in rows) and any("eval/token_acc" in r for r in rows)
@@ -53,7 +56,7 @@ def test_autoencoder_stage_learns_and_writes_run_dir(ae_run):
 def test_calm_stage_keeps_autoencoder_frozen(ae_run, tmp_path):
   ae_cfg, _ = ae_run
   before_step, before = checkpoint.fingerprint(ae_cfg.run_dir)
-  ae = checkpoint.load_for_inference(ae_cfg.run_dir, expect_stage="autoencoder")
+  ae = run_lib.load_model(ae_cfg.run_dir, expect_stage="autoencoder")
   ae_leaves = [np.array(x) for x in jax.tree.leaves(ae.params)]
   cfg = tiny(tmp_path / "calm", "stage=calm", f"train.autoencoder={ae_cfg.run_dir}",
              "train.steps=4", "data.eval=")
@@ -61,10 +64,10 @@ def test_calm_stage_keeps_autoencoder_frozen(ae_run, tmp_path):
   assert all(np.isfinite(h["loss"]) for h in result.history)
   # The AE checkpoint and parameters are untouched, and the CALM checkpoint holds no AE copy.
   assert checkpoint.fingerprint(ae_cfg.run_dir) == (before_step, before)
-  again = checkpoint.load_for_inference(ae_cfg.run_dir, expect_stage="autoencoder")
+  again = run_lib.load_model(ae_cfg.run_dir, expect_stage="autoencoder")
   for a, b in zip(ae_leaves, jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(a, np.array(b))
-  calm = checkpoint.load_for_inference(cfg.run_dir, expect_stage="calm")
+  calm = run_lib.load_model(cfg.run_dir, expect_stage="calm")
   n_calm = sum(x.size for x in jax.tree.leaves(calm.params))
   n_fresh = sum(x.size for x in jax.tree.leaves(nnx.state(stages.get_stage(cfg).build(
       cfg.model, nnx.Rngs(0)))))
@@ -107,8 +110,8 @@ def test_ar_stage_resumes_exactly_after_sigkill(tmp_path):
   assert [h["step"] for h in resumed.history] == list(range(n + 1, 2 * n + 1))
   np.testing.assert_array_equal([h["loss"] for h in resumed.history],
                                 [h["loss"] for h in straight.history[n:]])
-  a = checkpoint.load_for_inference(tmp_path / "straight", expect_stage="ar")
-  b = checkpoint.load_for_inference(killed, expect_stage="ar")
+  a = run_lib.load_model(tmp_path / "straight", expect_stage="ar")
+  b = run_lib.load_model(killed, expect_stage="ar")
   assert a.step == b.step == 2 * n
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.array(x), np.array(y))
@@ -200,9 +203,8 @@ def _fit(cfg, stage_name, ids_NT, steps, lr):
 def heldout_blocks(tmp_path_factory):
   """Tokenised held-out demo text as [n, 64] blocks (a small BPE trained on the train slice)."""
   from calm import data
-  from calm.tokenizer import get_tokenizer
   cfg = config.load(TINY, ["data.tokenizer_train_bytes=200000"])
-  tok = get_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
+  tok = run_lib.get_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
   return cfg, data.eval_blocks(cfg, tok, None, cfg.data.eval)
 
 

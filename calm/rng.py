@@ -1,0 +1,24 @@
+"""Independent PRNG streams by purpose, all derived from one seed.
+
+`stream(seed, INIT)` initialises parameters, `stream(seed, TRAIN)` folded with the step number
+drives training noise, `stream(seed, EVAL)` folded with the batch index drives in-training
+evaluation. Keys are typed (`jax.random.key`). The data order has its own seed (`data.seed`) and
+sampling/evaluation commands take theirs from their config sections.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+INIT, TRAIN, EVAL = 1, 2, 3
+
+
+def stream(seed: int, purpose: int) -> jax.Array:
+  """The root key of one purpose's stream."""
+  return jax.random.fold_in(jax.random.key(seed), purpose)
+
+
+def init_rngs(seed: int) -> nnx.Rngs:
+  """The `nnx.Rngs` that parameter initialisation draws from."""
+  return nnx.Rngs(stream(seed, INIT))
