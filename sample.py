@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from calm import run, sampling
+from calm import paths, run, sampling
 from calm.errors import CalmError, ConfigError, cli
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
       ("temperature", args.temperature), ("sampler", args.sampler),
       ("num_samples", args.num_samples), ("max_new_tokens", args.max_tokens),
       ("seed", args.seed)) if v is not None]
-  cfg = run.load_config(args.config, list(args.overrides) + extra)
+  cfg = paths.load_config(args.config, list(args.overrides) + extra)
   s = cfg.sampling
   if cfg.stage not in ("calm", "ar"):
     raise ConfigError(f"stage: sampling needs a calm or ar run, got {cfg.stage}")

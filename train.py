@@ -10,7 +10,7 @@ A run resumes from the latest checkpoint in its run_dir.
 import argparse
 import sys
 
-from calm import config
+from calm import paths
 from calm.errors import cli
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="dotted overrides, e.g. model.backbone.num_layers=4 train.steps=100")
   args = parser.parse_args(argv)
-  cfg = config.load(args.config, args.overrides)
+  cfg = paths.load_config(args.config, args.overrides)
   from calm import trainer  # heavy imports after the config is known to be valid
   result = trainer.train(cfg)
   last = result.history[-1] if result.history else {}

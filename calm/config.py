@@ -334,6 +334,17 @@ def replace(cfg: Any, **changes: Any) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 
+def validate_temperature(temperature: Any, key: str = "temperature") -> float:
+  """T as a float in (0, 1] (the sampling temperature everywhere), else ConfigError naming `key`."""
+  try:
+    t = float(temperature)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key}: must be a number in (0, 1], got {temperature!r}") from None
+  if not math.isfinite(t) or t <= 0.0 or t > 1.0:
+    raise ConfigError(f"{key}: must be in (0, 1], got {temperature!r}")
+  return t
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
   if not cond:
     raise ConfigError(f"{key}: {msg}")
@@ -383,8 +394,7 @@ def validate(cfg: Config) -> None:
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   s = cfg.sampling
-  _require(math.isfinite(s.temperature) and 0.0 < s.temperature <= 1.0, "sampling.temperature",
-           f"must be in (0, 1], got {s.temperature}")
+  validate_temperature(s.temperature, "sampling.temperature")
   _require(s.num_candidates >= 1, "sampling.num_candidates", "must be >= 1")
   _require(s.max_attempts >= 1, "sampling.max_attempts", "must be >= 1")
   _require(s.draws_per_step >= 0, "sampling.draws_per_step", "must be >= 0 (0 = ceil(1/T))")

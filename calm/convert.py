@@ -615,7 +615,7 @@ def _copy_tokenizer(srcs: Sequence[pathlib.Path], dst: pathlib.Path) -> str:
 def write_run(run_dir: str | pathlib.Path, cfg: Config, params: Mapping[str, np.ndarray], *,
               source: str = "") -> pathlib.Path:
   """Writes a step-0 checkpoint of `params` ({dotted path: array}) and config.yaml."""
-  from calm import checkpoint, run
+  from calm import checkpoint, paths
 
   run_dir = pathlib.Path(run_dir).absolute()
   ckpt_dir = run_dir / checkpoint.SUBDIR
@@ -623,9 +623,9 @@ def write_run(run_dir: str | pathlib.Path, cfg: Config, params: Mapping[str, np.
     raise CheckpointError(f"{run_dir} already holds checkpoints; choose another --out")
   run_dir.mkdir(parents=True, exist_ok=True)
   cfg = config_lib.replace(cfg, run_dir=str(run_dir))
-  run.save_config(cfg)
+  paths.save_config(cfg)
   meta = {"stage": cfg.stage, "config": config_lib.to_dict(cfg),
-          "paths": run.absolute_paths(cfg), "autoencoder": cfg.train.autoencoder,
+          "paths": paths.absolute_paths(cfg), "autoencoder": cfg.train.autoencoder,
           "converted_from": source}
   with checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta) as ckpt:
     ckpt.save_now(0, params=_nest(params))

@@ -263,7 +263,7 @@ def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from calm import data, run
+  from calm import data, paths, run
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--out", default="", help="JSON path (default RUN_DIR/brierlm.json)")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
-  cfg = run.load_config(args.config, args.overrides)
+  cfg = paths.load_config(args.config, args.overrides)
   source = cfg.eval.data or cfg.data.eval
   if not source:
     raise ConfigError("eval.data: name the held-out documents (e.g. eval.data=PATH)")

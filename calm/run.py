@@ -1,18 +1,10 @@
-"""A run directory resolved into what inference and resuming need.
-
-A run directory holds `config.yaml` and `checkpoints/`. Paths inside a run's `config.yaml` are
-written relative to the run directory (`run_dir: .`), and the checkpoint metadata records them
-absolute, so a run can be moved, copied to another machine or used from any working directory.
-A relative path from a run's config is looked up, first hit wins: against the run directory,
-against the working directory (runs written before paths were made portable), then the absolute
-path recorded at training time. A `key=value` override on the command line always wins and is
-taken relative to the working directory.
-"""
+"""A run directory resolved into what inference and resuming need: its model, the frozen
+autoencoder a CALM run depends on, and the tokenizer (see `calm.paths` for how a run's config
+finds its files)."""
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import pathlib
@@ -20,100 +12,12 @@ from typing import Sequence
 
 from flax import nnx
 
-from calm import checkpoint, config, data, stages
+from calm import checkpoint, data, stages
 from calm.config import Config
 from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-# Config fields holding local paths (a `tfds:` source is not a path).
-PATH_FIELDS = ("train.autoencoder", "data.tokenizer", "data.train", "data.eval", "eval.data",
-               "data.tfds_data_dir")
-_SCHEMES = ("tfds:",)
-
-
-# ----------------------------------------------------------------------------- portable paths
-
-
-def _get(cfg: Config, dotted: str) -> str:
-  obj = cfg
-  for part in dotted.split("."):
-    obj = getattr(obj, part)
-  return obj
-
-
-def _is_local(value: str) -> bool:
-  return bool(value) and not value.startswith(_SCHEMES)
-
-
-def _exists(path: str) -> bool:
-  return bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)
-
-
-def absolute_paths(cfg: Config) -> dict[str, str]:
-  """{field: absolute path} of every local path field that is set (for checkpoint metadata)."""
-  out = {"run_dir": os.path.abspath(cfg.run_dir)}
-  for f in PATH_FIELDS:
-    v = _get(cfg, f)
-    if _is_local(v):
-      out[f] = os.path.abspath(v)
-  return out
-
-
-def portable(cfg: Config) -> Config:
-  """`cfg` with `run_dir: .` and every local path relative to the run directory."""
-  root = os.path.abspath(cfg.run_dir)
-  changes = {f: os.path.relpath(os.path.abspath(_get(cfg, f)), root) for f in PATH_FIELDS
-             if _is_local(_get(cfg, f))}
-  return config.replace(cfg, run_dir=".", **changes)
-
-
-def save_config(cfg: Config) -> pathlib.Path:
-  """Writes the run's portable `config.yaml` into its run directory."""
-  path = pathlib.Path(cfg.run_dir) / CONFIG_FILE
-  config.dump(portable(cfg), path)
-  return path
-
-
-def _is_run_config(path: pathlib.Path, raw_run_dir: str | None) -> bool:
-  return raw_run_dir in (".", "./") or (path.name == CONFIG_FILE and
-                                        (path.parent / checkpoint.SUBDIR).is_dir())
-
-
-def _recorded_paths(run_dir: pathlib.Path) -> dict[str, str]:
-  """Absolute paths recorded in the latest checkpoint's metadata ({} if there is none)."""
-  try:
-    _, meta = checkpoint.read_metadata(run_dir)
-  except Exception:  # noqa: BLE001 - no or unreadable checkpoint: nothing recorded
-    return {}
-  paths = dict(meta.get("paths") or {})
-  if meta.get("autoencoder"):
-    paths.setdefault("train.autoencoder", meta["autoencoder"])
-  return paths
-
-
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-  """`config.load`, plus: a run's own config.yaml is resolved against the run directory."""
-  cfg = config.load(path, overrides)
-  path = pathlib.Path(path)
-  given = {config.parse_override(o)[0] for o in overrides}
-  raw_run_dir = config.read_yaml(path).get("run_dir")
-  if not _is_run_config(path, raw_run_dir):
-    return cfg
-  run_dir = pathlib.Path(cfg.run_dir) if "run_dir" in given else path.parent
-  recorded = _recorded_paths(run_dir)
-  changes: dict[str, str] = {"run_dir": str(run_dir)}
-  for f in PATH_FIELDS:
-    v = _get(cfg, f)
-    if f in given or not _is_local(v) or os.path.isabs(v):
-      continue
-    candidates = [str(run_dir / v), v, recorded.get(f, "")]
-    found = next((c for c in candidates if c and _exists(c)), str(run_dir / v))
-    changes[f] = os.path.normpath(os.path.abspath(found))
-  return config.replace(cfg, **changes)
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -137,6 +41,9 @@ def autoencoder_dir(cfg: Config, metadata: dict | None = None) -> pathlib.Path:
 def frozen_autoencoder(cfg: Config, mesh=None, metadata: dict | None = None) -> checkpoint.Loaded:
   """The CALM stage's autoencoder, checked against `cfg.model` (K, vocab, latent, sizes)."""
   ae_dir = autoencoder_dir(cfg, metadata)
+  if not ae_dir.is_dir():
+    raise ConfigError(f"train.autoencoder: autoencoder run {ae_dir} not found; give its "
+                      f"directory with train.autoencoder=DIR")
   loaded = load_model(ae_dir, mesh=mesh, expect_stage="autoencoder")
   checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.ARCH_KEYS["autoencoder"],
                               what=f"autoencoder {ae_dir}")

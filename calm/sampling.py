@@ -12,6 +12,7 @@ produced EOS.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -77,6 +78,27 @@ def next_chunk(calm, ae, h_BD: jax.Array, key: jax.Array,
   return chunk_BK, jnp.where(ok_B, draws_B, -draws_B)  # negative: hit the cap
 
 
+class _Stream:
+  """The host callback of the generation running now. The jitted loops call `emit` (a fixed
+  function, so a new callback does not recompile); `to(fn)` installs `fn` for one call."""
+
+  fn: Callable[[np.ndarray], None] | None = None
+
+  @classmethod
+  def emit(cls, ids: np.ndarray) -> None:
+    if cls.fn is not None:
+      cls.fn(np.asarray(ids))
+
+  @classmethod
+  @contextlib.contextmanager
+  def to(cls, fn: Callable[[np.ndarray], None] | None):
+    cls.fn = fn
+    try:
+      yield
+    finally:
+      cls.fn = None
+
+
 def _ragged(rows: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads each row to a multiple of `multiple`, right-pads to the longest → (ids, lengths)."""
   if not rows or any(len(r) == 0 for r in rows):
@@ -90,10 +112,10 @@ def _ragged(rows: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("calm_def", "ae_def", "max_chunks", "sampler",
-                                             "eos_id", "pad_id", "on_tokens"))
+                                             "eos_id", "pad_id", "stream"))
 def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B, key, *,
                    max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int,
-                   on_tokens: Callable | None = None):
+                   stream: bool = False):
   calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
   B, S, K = prompt_BSK.shape
   cache = calm.init_cache(B, S + max_chunks)
@@ -112,8 +134,8 @@ def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B,
     chunk_BK = jnp.where(done_B[:, None], pad_id, chunk_BK)
     out_BMK = out_BMK.at[:, i].set(chunk_BK)
     draws_BM = draws_BM.at[:, i].set(jnp.where(done_B, 0, draws_B))
-    if on_tokens is not None:  # streaming: hand each new chunk to the host as it is produced
-      jax.debug.callback(on_tokens, chunk_BK, ordered=True)
+    if stream:  # hand each new chunk to the host as it is produced
+      jax.debug.callback(_Stream.emit, chunk_BK, ordered=True)
     done_B = done_B | jnp.any(chunk_BK == eos_id, axis=-1)
     h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=cache)
     return i + 1, h_B1D[:, 0], cache, out_BMK, done_B, draws_BM
@@ -147,11 +169,13 @@ def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
   max_chunks = -(-max_new_tokens // K)
   calm_def, calm_state = nnx.split(calm)
   ae_def, ae_state = nnx.split(ae)
-  out_BMK, draws_BM = _calm_generate(
-      calm_def, calm_state, ae_def, ae_state, prompt_BSK, jnp.asarray(lens // K), key,
-      max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id, on_tokens=on_tokens)
-  out = np.asarray(out_BMK).reshape(len(prompts), -1)
-  draws = np.asarray(draws_BM)
+  with _Stream.to(on_tokens):
+    out_BMK, draws_BM = _calm_generate(
+        calm_def, calm_state, ae_def, ae_state, prompt_BSK, jnp.asarray(lens // K), key,
+        max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
+        stream=on_tokens is not None)
+    out = np.asarray(out_BMK).reshape(len(prompts), -1)
+    draws = np.asarray(draws_BM)
   used = draws != 0
   stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
            "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
@@ -192,16 +216,19 @@ def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
   return block_B * _ICDF_BLOCK + _inverse_cdf(inner_BI, u_B2[:, 1])
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Temperature, then top-k (0 = off), then nucleus top-p (1 = off) → token ids [B]."""
-  if not temperature > 0:
-    raise CalmError(f"temperature must be > 0, got {temperature}")
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float | jax.Array = 1.0,
+                  top_k: int = 0, top_p: float | jax.Array = 1.0,
+                  nucleus: bool | None = None) -> jax.Array:
+  """Temperature, then top-k (0 = off), then nucleus top-p → token ids [B].
+
+  `temperature` and `top_p` may be traced; `top_k` fixes a shape and `nucleus` (default
+  `top_p < 1`, needed when `top_p` is traced) whether the sort runs, so both are static.
+  """
   logits = logits_BV.astype(jnp.float32) / temperature
   if top_k > 0:
     kth_B1 = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
-  if top_p < 1.0:
+  if nucleus if nucleus is not None else top_p < 1.0:
     sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
     cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -211,11 +238,10 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float = 1.0
   return categorical(key, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "max_new", "temperature", "top_k",
-                                             "top_p", "eos_id", "pad_id", "on_tokens"))
-def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temperature: float,
-                 top_k: int, top_p: float, eos_id: int, pad_id: int,
-                 on_tokens: Callable | None = None):
+@functools.partial(jax.jit, static_argnames=("model_def", "max_new", "top_k", "nucleus",
+                                             "eos_id", "pad_id", "stream"))
+def _ar_generate(model_def, state, prompt_BT, lens_B, key, temperature, top_p, *, max_new: int,
+                 top_k: int, nucleus: bool, eos_id: int, pad_id: int, stream: bool = False):
   model = nnx.merge(model_def, state)
   B, T = prompt_BT.shape
   cache = model.init_cache(B, T + max_new)
@@ -229,11 +255,12 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, key, *, max_new: int, temp
 
   def body(c):
     i, logits_BV, cache, out_BM, done_B = c
-    tok_B = sample_logits(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+    tok_B = sample_logits(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p,
+                          nucleus)
     tok_B = jnp.where(done_B, pad_id, tok_B)
     out_BM = out_BM.at[:, i].set(tok_B)
-    if on_tokens is not None:
-      jax.debug.callback(on_tokens, tok_B[:, None], ordered=True)
+    if stream:
+      jax.debug.callback(_Stream.emit, tok_B[:, None], ordered=True)
     done_B = done_B | (tok_B == eos_id)
     logits_B1V, cache = model(tok_B[:, None], cache=cache)
     return i + 1, logits_B1V[:, 0], cache, out_BM, done_B
@@ -247,12 +274,16 @@ def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_
                 pad_id: int, on_tokens: Callable[[np.ndarray], None] | None = None
                 ) -> list[list[int]]:
   """Continues each prompt token by token → new tokens per row up to EOS (`on_tokens(ids_B1)`
-  receives each step's tokens on the host as they are produced)."""
+  receives each step's tokens on the host as they are produced). One compilation serves every
+  temperature and every top-p < 1."""
   if not (temperature > 0 and 0.0 < top_p <= 1.0 and top_k >= 0):
     raise CalmError("need temperature > 0, top_p in (0, 1], top_k >= 0")
   ids, lens = _ragged(prompts, pad_id, 1)
   model_def, state = nnx.split(model)
-  out = _ar_generate(model_def, state, jnp.asarray(ids), jnp.asarray(lens), key,
-                     max_new=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                     top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, on_tokens=on_tokens)
-  return [_trim(r, eos_id) for r in np.asarray(out)]
+  with _Stream.to(on_tokens):
+    out = _ar_generate(model_def, state, jnp.asarray(ids), jnp.asarray(lens), key,
+                       jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens,
+                       top_k=int(top_k), nucleus=bool(top_p < 1.0), eos_id=eos_id,
+                       pad_id=pad_id, stream=on_tokens is not None)
+    out = np.asarray(out)
+  return [_trim(r, eos_id) for r in out]

@@ -15,20 +15,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from calm.config import validate_temperature
 from calm.errors import CalmError
 
 DrawFn = Callable[[jax.Array, int], jax.Array]  # (key, R) -> chunks_BRK int32, R i.i.d. draws per row
-
-
-def validate_temperature(temperature: float) -> float:
-  """Returns T as a float; NaN, T ≤ 0 or T > 1 raise CalmError."""
-  try:
-    t = float(temperature)
-  except (TypeError, ValueError):
-    raise CalmError(f"temperature must be a number in (0, 1], got {temperature!r}") from None
-  if not math.isfinite(t) or t <= 0.0 or t > 1.0:
-    raise CalmError(f"temperature must be in (0, 1], got {temperature!r}")
-  return t
 
 
 def split_inverse_temperature(temperature: float) -> tuple[int, float]:

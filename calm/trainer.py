@@ -16,8 +16,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import (checkpoint, config, data, distributed, losses, metrics, rng, run, sharding,
-                  stages)
+from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
+                  sharding, stages)
 from calm.config import Config
 from calm.errors import CalmError, ConfigError
 
@@ -170,7 +170,7 @@ def _prepare_run_dir(cfg: Config) -> pathlib.Path:
     raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
   if jax.process_index() == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.save_config(cfg)
+    paths.save_config(cfg)
   return run_dir
 
 
@@ -248,7 +248,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
                                 process_count=jax.process_count())
   eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
 
-  meta = {"stage": cfg.stage, "config": config.to_dict(cfg), "paths": run.absolute_paths(cfg),
+  meta = {"stage": cfg.stage, "config": config.to_dict(cfg), "paths": paths.absolute_paths(cfg),
           "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
           "tokenizer_vocab_size": tokenizer.vocab_size}
   ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)

@@ -143,3 +143,32 @@ def test_invalid_sampler_settings():
     sampling.ChunkSampler(1.5)
   with pytest.raises(CalmError):
     sampling.ChunkSampler(0.5, "greedy")
+
+
+def test_generation_compiles_once_across_temperatures_and_callbacks(models):
+  """Temperature and top-p are traced, the streaming callback is not part of the cache key."""
+  cfg, calm, ae, ar = models
+  seen = []
+  gen_ar = lambda t, p, cb: sampling.generate_ar(ar, [[5, 6, 7]], jax.random.key(0),
+                                                 max_new_tokens=5, temperature=t, top_p=p,
+                                                 eos_id=EOS, pad_id=PAD, on_tokens=cb)
+  gen_ar(0.9, 0.95, seen.append)
+  n = sampling._ar_generate._cache_size()
+  out_a = gen_ar(0.3, 0.5, lambda ids: seen.append(ids))
+  assert sampling._ar_generate._cache_size() == n
+  assert len(seen) > 0 and all(np.asarray(x).shape == (1, 1) for x in seen)
+  # the traced values still take effect: top-p 0.5 at T -> 0 keeps only the argmax (greedy)
+  greedy = sampling.generate_ar(ar, [[5, 6, 7]], jax.random.key(1), max_new_tokens=5,
+                                temperature=1e-3, top_p=0.5, eos_id=-1, pad_id=PAD)
+  assert sampling._ar_generate._cache_size() == n + 1  # new max_new / eos: a new shape
+  assert greedy[0] == naive_ar_greedy(ar, [5, 6, 7], 5)
+  assert len(out_a[0]) >= 1
+
+  sampler = sampling.ChunkSampler(1.0)
+  gen_calm = lambda cb: sampling.generate_calm(calm, ae, [[5, 6, 7]], jax.random.key(0),
+                                               max_new_tokens=8, sampler=sampler, eos_id=EOS,
+                                               pad_id=PAD, on_tokens=cb)
+  gen_calm(seen.append)
+  n = sampling._calm_generate._cache_size()
+  gen_calm(lambda ids: None)
+  assert sampling._calm_generate._cache_size() == n

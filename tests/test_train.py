@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from calm import checkpoint, config, sharding, stages, trainer
-from calm import run as run_lib
+from calm import paths, run as run_lib
 from calm.config import MeshConfig
 from calm.errors import CalmError, CheckpointError
 
@@ -43,9 +43,9 @@ def test_autoencoder_stage_learns_and_writes_run_dir(ae_run):
   assert len(losses_) == cfg.train.steps
   assert np.mean(losses_[-5:]) < np.mean(losses_[:5]) - 0.3
   run = pathlib.Path(cfg.run_dir)
-  saved = run_lib.load_config(run / "config.yaml")  # paths resolved against the run directory
-  assert run_lib.portable(saved) == run_lib.portable(cfg)
-  assert run_lib.absolute_paths(saved) == run_lib.absolute_paths(cfg)
+  saved = paths.load_config(run / "config.yaml")  # paths resolved against the run directory
+  assert paths.portable(saved) == run_lib.portable(cfg)
+  assert paths.absolute_paths(saved) == run_lib.absolute_paths(cfg)
   assert (run / "tokenizer.json").exists()
   rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
   assert any("train/tokens_per_s" in r for r in rows) and any("eval/token_acc" in r for r in rows)
