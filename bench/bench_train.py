@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from bench import common
-from calm import losses, metrics, rng, sharding, stages, trainer
+from calm import metrics, rng, sharding, stages, trainer
 from calm.errors import cli
 
 STAGES = ("autoencoder", "calm", "ar")
@@ -71,7 +71,7 @@ def build_step(size: common.Size, stage: str) -> Step:
   tokens = size.batch * size.seq
   return Step(stage=stage, compiled=compiled, state=[s.params, s.opt_state, ids, key, s.ae_params],
               compile_s=compile_s,
-              flops_per_token=losses.model_flops_per_token(cfg.model, stage, size.seq),
+              flops_per_token=metrics.model_flops_per_token(cfg.model, stage, size.seq),
               xla_flops_per_token=float(cost.get("flops", 0.0)) / tokens,
               temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else 0.0,
               n_params=s.num_params)

@@ -287,9 +287,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    """A multiple of `checkpoint.every`, or a preemption (agreed by all processes)."""
-    return step % self.every == 0 or self.reached_preemption(step)
+  def should_save(self, step: int, preempted: bool | None = None) -> bool:
+    """A multiple of `checkpoint.every`, or a preemption (agreed by all processes; pass
+    `reached_preemption(step)` as `preempted` if already known)."""
+    if preempted is None:
+      preempted = self.reached_preemption(step)
+    return step % self.every == 0 or preempted
 
   # -- saving
   def save(self, step: int, *, params: Any, opt_state: Any = None, data_state: dict | None = None,
@@ -366,9 +369,6 @@ class Checkpointer:
   def preempted(self) -> bool:
     """This process received a preemption signal."""
     return self._preempted.is_set()
-
-  def request_preemption(self) -> None:
-    self._preempted.set()
 
   def reached_preemption(self, step: int, sync_every: int = 10) -> bool:
     """Whether to save-and-stop at `step`; every process gets the same answer.

@@ -118,6 +118,14 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
 
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for k, v in sizes.items():
+      if not (v == -1 or (isinstance(v, int) and v >= 1)):
+        raise ConfigError(f"mesh.{k}: must be -1 (fill) or >= 1, got {v}")
+    if list(sizes.values()).count(-1) > 1:
+      raise ConfigError(f"mesh: only one axis may be -1 (fill), got {sizes}")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -388,9 +396,6 @@ def validate(cfg: Config) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(t.log_every >= 1, "train.log_every", "must be >= 1")
   _require(t.eval_every >= 1, "train.eval_every", "must be >= 1")
-  for k in ("data", "fsdp", "tensor"):
-    v = getattr(cfg.mesh, k)
-    _require(v == -1 or v >= 1, f"mesh.{k}", f"must be -1 (fill) or >= 1, got {v}")
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   s = cfg.sampling

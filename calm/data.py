@@ -287,18 +287,11 @@ def pack_blocks(tokens: np.ndarray, block_tokens: int, what: str = "data") -> np
   return tokens[:n * block_tokens].reshape(n, block_tokens)
 
 
-def _check_block(cfg: Config) -> int:
-  t, k = cfg.data.block_tokens, cfg.model.chunk_size
-  if t % k:
-    raise ConfigError(f"data.block_tokens: {t} is not a multiple of model.chunk_size {k}")
-  return t
-
-
 def eval_blocks(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | None,
                 spec: str) -> np.ndarray:
   """Held-out source as [n_blocks, data.block_tokens] int32, in order (no shuffle)."""
   tokens = token_stream(spec, cfg.data, tokenizer, run_dir)
-  return np.asarray(pack_blocks(tokens, _check_block(cfg), what=f"eval source {spec}"))
+  return np.asarray(pack_blocks(tokens, cfg.data.block_tokens, what=f"eval source {spec}"))
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -364,7 +357,7 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.Pat
                         prefetch: int = 2) -> TrainIterator:
   """Training batches from cfg.data.train (token stream cached in run_dir)."""
   tokens = token_stream(cfg.data.train, cfg.data, tokenizer, run_dir)
-  blocks = pack_blocks(tokens, _check_block(cfg), what=f"training source {cfg.data.train}")
+  blocks = pack_blocks(tokens, cfg.data.block_tokens, what=f"training source {cfg.data.train}")
   return TrainIterator(blocks, global_batch=cfg.train.batch_size, seed=cfg.data.seed,
                        shuffle=cfg.data.shuffle, process_index=process_index,
                        process_count=process_count, prefetch=prefetch)

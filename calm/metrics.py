@@ -1,4 +1,4 @@
-"""Training metrics: JSONL + TensorBoard from process 0, throughput and MFU."""
+"""Training metrics: JSONL + TensorBoard from process 0, throughput, model FLOPs and MFU."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from calm.config import Config, ModelConfig
 
 
 class MetricsLogger:
@@ -43,13 +45,6 @@ class MetricsLogger:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-  p = pathlib.Path(path)
-  if not p.exists():
-    return []
-  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 class Throughput:
@@ -96,3 +91,59 @@ def mean_tree(rows: list[Mapping[str, Any]]) -> dict[str, float]:
   if not rows:
     return {}
   return {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
+  """Multiply-accumulates of one position through the backbone with `context` keys attended."""
+  b = cfg.backbone
+  attn_proj = b.hidden_dim * (b.num_heads + 2 * b.num_kv_heads) * b.head_dim
+  attn_proj += b.num_heads * b.head_dim * b.hidden_dim
+  scores = 2 * context * b.num_heads * b.head_dim  # QKᵀ and AV
+  return b.num_layers * (attn_proj + scores + 3 * b.hidden_dim * b.ffn_dim)
+
+
+def _ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
+  """(encoder, decoder) multiply-accumulates for one chunk, logits included in the decoder."""
+  a, K, L = cfg.autoencoder, cfg.chunk_size, cfg.latent_dim
+  d, block = a.hidden_dim, 3 * a.hidden_dim * a.ffn_dim
+  e1, d1 = a.num_encoder_layers // 2, a.num_decoder_layers // 2
+  enc = (K * e1 + (a.num_encoder_layers - e1)) * block + K * d * d + d * 2 * L
+  dec = L * d + (d1 + K * (a.num_decoder_layers - d1)) * block + d * K * d + K * d * cfg.vocab_size
+  return enc, dec
+
+
+def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
+                          seq_tokens: int | None = None) -> float:
+  """Training FLOPs per token (for MFU): 6·MACs of trained matmuls (forward + backward), 2·MACs
+  of frozen forward-only ones (the AE encoder in the calm stage). Causal attention counts the
+  average context (half the sequence). Embedding lookups, norms and elementwise ops are not
+  counted. With a full `Config`, `stage` and `seq_tokens` default to its stage and block size.
+  """
+  if isinstance(cfg, Config):
+    stage = stage or cfg.stage
+    seq_tokens = seq_tokens or cfg.data.block_tokens
+    cfg = cfg.model
+  if stage is None or seq_tokens is None:
+    raise ValueError("model_flops_per_token needs stage and seq_tokens with a ModelConfig")
+  K = cfg.chunk_size
+  if stage == "autoencoder":
+    enc, dec = _ae_macs_per_chunk(cfg)
+    return 6.0 * (enc + dec) / K
+  if stage == "ar":
+    macs = _backbone_macs_per_position(cfg, seq_tokens / 2)
+    return 6.0 * (macs + cfg.backbone.hidden_dim * cfg.vocab_size)
+  if stage == "calm":
+    d, h, L = cfg.backbone.hidden_dim, cfg.head, cfg.latent_dim
+    compress = K * d * 2 * d + 2 * d * d
+    backbone = _backbone_macs_per_position(cfg, seq_tokens / K / 2)
+    head_shared = d * d + h.num_blocks * d * d  # hidden_in and the y half of each fc1
+    head_sample = h.noise_dim * d + h.num_blocks * (d * d + d * d + d * 2 * d + d * d)
+    head_sample += d * d + d * L
+    energy = h.num_samples * h.num_target_samples * L
+    trained = compress + backbone + head_shared + h.num_samples * head_sample + energy
+    frozen = _ae_macs_per_chunk(cfg)[0]
+    return (6.0 * trained + 2.0 * frozen) / K
+  raise ValueError(f"unknown stage {stage!r}")

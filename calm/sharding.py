@@ -49,13 +49,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 entries of a MeshConfig against a device count."""
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]  # each >= 1 or one -1 (MeshConfig)
   fill = [i for i, s in enumerate(sizes) if s == -1]
-  if len(fill) > 1:
-    raise ConfigError(f"mesh: only one axis may be -1 (fill), got {dict(zip(MESH_AXES, sizes))}")
-  for name, s in zip(MESH_AXES, sizes):
-    if s != -1 and s < 1:
-      raise ConfigError(f"mesh.{name}: must be -1 (fill) or >= 1, got {s}")
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
@@ -113,12 +108,6 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     used.update(kept)
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*out)
-
-
-def logical_sharding(mesh: Mesh, names: Sequence[str | None] | None,
-                     shape: Sequence[int] | None = None) -> NamedSharding:
-  """NamedSharding for an array with the given logical axes (and shape, for the divisibility)."""
-  return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

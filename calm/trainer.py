@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
+from calm import (checkpoint, config, data, distributed, metrics, paths, rng, run,
                   sharding, stages)
 from calm.config import Config
 from calm.errors import CalmError, ConfigError
@@ -179,7 +179,7 @@ class LogHook:
 
   def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm):
     self.every, self.logger, self.bar = cfg.train.log_every, logger, bar
-    self.flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage,
+    self.flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage,
                                                         cfg.data.block_tokens)
     self.peak = cfg.train.peak_flops or metrics.measure_peak_flops()
     self.tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
@@ -273,7 +273,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
   if main:
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
-    flops_per_token = losses.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
+    flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
     print(f"{cfg.stage}: {s.num_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} "
           f"MFLOP/token, compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
           f"mesh {dict(s.mesh.shape)}, steps {start}→{end}")
@@ -313,7 +313,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
       preempted = ckpt.reached_preemption(step)
       do_log = step % log_hook.every == 0 or last
       do_eval = eval_hook is not None and (step % eval_hook.every == 0 or last)
-      do_save = step % cfg.checkpoint.every == 0 or last or preempted
+      do_save = ckpt.should_save(step, preempted) or last
       if do_log or do_eval or do_save:
         consume(*pending)
         pending = None

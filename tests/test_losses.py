@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from calm import config as config_lib
-from calm import losses
+from calm import losses, metrics
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
@@ -196,10 +196,10 @@ def test_flops_per_token(cfg):
   d, f, h = b.hidden_dim, b.ffn_dim, b.head_dim
   matmul = b.num_layers * (d * h * (2 * b.num_heads + 2 * b.num_kv_heads) + 3 * d * f) + d * V
   attn = b.num_layers * 2 * (T / 2) * b.num_heads * h
-  assert losses.model_flops_per_token(cfg, "ar", T) == pytest.approx(6 * (matmul + attn))
+  assert metrics.model_flops_per_token(cfg, "ar", T) == pytest.approx(6 * (matmul + attn))
   for stage in ("autoencoder", "calm"):
-    assert losses.model_flops_per_token(cfg, stage, T) > 0
+    assert metrics.model_flops_per_token(cfg, stage, T) > 0
   with pytest.raises(ValueError):
-    losses.model_flops_per_token(cfg, "nope", T)
+    metrics.model_flops_per_token(cfg, "nope", T)
   full = config_lib.load(ROOT / "configs" / "tiny.yaml", ["stage=ar", "data.block_tokens=64"])
-  assert losses.model_flops_per_token(full) == losses.model_flops_per_token(cfg, "ar", T)
+  assert metrics.model_flops_per_token(full) == metrics.model_flops_per_token(cfg, "ar", T)

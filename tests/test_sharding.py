@@ -74,12 +74,12 @@ def test_make_mesh_on_subset_of_devices():
     (MeshConfig(3, 1, 1), "= 3 but there are 8 devices"),
     (MeshConfig(2, 2, 4), "= 16 but there are 8 devices"),
     (MeshConfig(-1, 3, 1), "not divisible by the fixed axes fsdp=3"),
-    (MeshConfig(-1, -1, 1), "only one axis may be -1"),
-    (MeshConfig(0, 1, 1), "mesh.data"),
+    ((-1, -1, 1), "only one axis may be -1"),
+    ((0, 1, 1), "mesh.data"),
 ])
 def test_bad_mesh_is_a_config_error(cfg, msg):
   with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
-    sharding.make_mesh(cfg)
+    sharding.make_mesh(MeshConfig(*cfg) if isinstance(cfg, tuple) else cfg)
 
 
 def test_rules_table_covers_every_logical_name():
