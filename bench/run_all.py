@@ -3,7 +3,7 @@
   python -m bench.run_all [--sizes tiny[,small]] [--quick] [--data]
 
 Writes bench/results/{all,train,generate,brier}.json and bench/results/README_perf.md (the
-table with date, machine and versions, for the README). Every figure is measured in this one
+table with date, machine and versions, for docs/speed.md). Every figure is measured in this one
 process; compared quantities are timed interleaved, and ratios to the reference figures use the
 tiny size.
 """
