@@ -22,10 +22,12 @@ from calm.config import Config
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # = calm.checkpoint.SUBDIR
-# Config fields holding local paths (a `tfds:` source is not a path).
+# Config fields holding local paths. A `tfds:NAME` source is not a path; `prepared:DIR` is a path
+# behind a prefix.
 PATH_FIELDS = ("train.autoencoder", "data.tokenizer", "data.train", "data.eval", "eval.data",
                "data.tfds_data_dir")
-_SCHEMES = ("tfds:",)
+_NOT_PATHS = ("tfds:",)
+_PREFIXES = ("prepared:",)
 
 
 # ----------------------------------------------------------------------------- portable paths
@@ -38,8 +40,20 @@ def _get(cfg: Config, dotted: str) -> str:
   return obj
 
 
-def _is_local(value: str) -> bool:
-  return bool(value) and not value.startswith(_SCHEMES)
+def _split(value: str) -> tuple[str, str] | None:
+  """(prefix, path) of a local path value, None for an empty or non-path value."""
+  if not value or value.startswith(_NOT_PATHS):
+    return None
+  for pre in _PREFIXES:
+    if value.startswith(pre):
+      return pre, value[len(pre):]
+  return "", value
+
+
+def _map(value: str, fn) -> str:
+  """`value` with `fn` applied to its path part (prefix kept)."""
+  pre, path = _split(value)
+  return pre + fn(path)
 
 
 def _exists(path: str) -> bool:
@@ -51,16 +65,16 @@ def absolute_paths(cfg: Config) -> dict[str, str]:
   out = {"run_dir": os.path.abspath(cfg.run_dir)}
   for f in PATH_FIELDS:
     v = _get(cfg, f)
-    if _is_local(v):
-      out[f] = os.path.abspath(v)
+    if _split(v):
+      out[f] = _map(v, os.path.abspath)
   return out
 
 
 def portable(cfg: Config) -> Config:
   """`cfg` with `run_dir: .` and every local path relative to the run directory."""
   root = os.path.abspath(cfg.run_dir)
-  changes = {f: os.path.relpath(os.path.abspath(_get(cfg, f)), root) for f in PATH_FIELDS
-             if _is_local(_get(cfg, f))}
+  rel = lambda path: os.path.relpath(os.path.abspath(path), root)
+  changes = {f: _map(_get(cfg, f), rel) for f in PATH_FIELDS if _split(_get(cfg, f))}
   return config.replace(cfg, run_dir=".", **changes)
 
 
@@ -104,9 +118,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
   changes: dict[str, str] = {"run_dir": str(run_dir)}
   for f in PATH_FIELDS:
     v = _get(cfg, f)
-    if f in given or not _is_local(v) or os.path.isabs(v):
+    if f in given or not _split(v) or os.path.isabs(_split(v)[1]):
       continue
-    candidates = [str(run_dir / v), v, recorded.get(f, "")]
-    found = next((c for c in candidates if c and _exists(c)), str(run_dir / v))
-    changes[f] = os.path.normpath(os.path.abspath(found))
+    pre, rel = _split(v)
+    recorded_path = (_split(recorded.get(f, "")) or ("", ""))[1]
+    candidates = [str(run_dir / rel), rel, recorded_path]
+    found = next((c for c in candidates if c and _exists(c)), str(run_dir / rel))
+    changes[f] = pre + os.path.normpath(os.path.abspath(found))
   return config.replace(cfg, **changes)
