@@ -44,8 +44,8 @@ def test_autoencoder_stage_learns_and_writes_run_dir(ae_run):
   assert np.mean(losses_[-5:]) < np.mean(losses_[:5]) - 0.3
   run = pathlib.Path(cfg.run_dir)
   saved = paths.load_config(run / "config.yaml")  # paths resolved against the run directory
-  assert paths.portable(saved) == run_lib.portable(cfg)
-  assert paths.absolute_paths(saved) == run_lib.absolute_paths(cfg)
+  assert paths.portable(saved) == paths.portable(cfg)
+  assert paths.absolute_paths(saved) == paths.absolute_paths(cfg)
   assert (run / "tokenizer.json").exists()
   rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
   assert any("train/tokens_per_s" in r for r in rows) and any("eval/token_acc" in r for r in rows)
