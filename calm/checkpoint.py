@@ -39,9 +39,14 @@ _BACKBONE_KEYS = ("model.backbone.hidden_dim", "model.backbone.num_layers",
 # Config keys that fix the parameter shapes of each stage.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "autoencoder": _AE_KEYS,
-    "calm": _AE_KEYS + _BACKBONE_KEYS + ("model.head.noise_dim", "model.head.num_blocks"),
+    "calm": _AE_KEYS + _BACKBONE_KEYS + ("model.head.kind", "model.head.noise_dim",
+                                                 "model.head.num_blocks"),
     "ar": ("model.vocab_size", "model.tie_ar_embeddings") + _BACKBONE_KEYS,
 }
+
+
+# Keys added after checkpoints were first written: a checkpoint without one had this value.
+_ADDED_KEYS = {"model.head.kind": "energy"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,7 +128,8 @@ def check_compatible(saved: Config | dict, current: Config | dict,
   if keys is None:
     keys = ARCH_KEYS.get(s.get("stage", ""), _AE_KEYS)
   for k in keys:
-    a, b = s.get(k, "<missing>"), c.get(k, "<missing>")
+    default = _ADDED_KEYS.get(k, "<missing>")
+    a, b = s.get(k, default), c.get(k, default)
     if a != b:
       raise CheckpointError(f"{what}: {k} is {a!r} in the checkpoint but {b!r} in the current "
                             f"config")

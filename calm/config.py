@@ -49,14 +49,21 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-  """Energy-score generative head and its loss."""
+  """Generative head and its loss: `energy` (one call per sample), `flow` or `diffusion`."""
 
-  noise_dim: int = 64
-  num_blocks: int = 4
-  num_samples: int = 8  # N model samples per position in the energy loss
-  num_target_samples: int = 100  # M draws of the target Gaussian
+  kind: Literal["energy", "flow", "diffusion"] = "energy"
+  noise_dim: int = 64  # energy: uniform noise width
+  num_blocks: int = 4  # residual blocks of every head
+  num_samples: int = 8  # energy: N model samples; flow / diffusion: N target draws per position
+  num_target_samples: int = 100  # energy: M draws of the target Gaussian
   beta: float = 1.0
   norm_eps: float = 1e-6
+  solver: Literal["euler", "midpoint"] = "midpoint"  # flow sampler
+  flow_steps: int = 10  # flow solver steps (midpoint: two network calls each)
+  schedule: Literal["cosine", "linear"] = "cosine"  # diffusion noise schedule
+  diffusion_steps: int = 1000  # diffusion training steps
+  sampling_steps: int = 100  # respaced diffusion sampling steps
+  noise_temperature: float = 1.0  # diffusion: scale of each reverse step's noise
 
 
 @dataclass(frozen=True)
@@ -379,7 +386,15 @@ def validate(cfg: Config) -> None:
   _require(b.num_heads % b.num_kv_heads == 0, "model.backbone.num_kv_heads",
            f"num_heads {b.num_heads} is not a multiple of num_kv_heads {b.num_kv_heads}")
   h = m.head
-  _require(h.num_samples >= 2, "model.head.num_samples", "the energy score needs N >= 2")
+  if h.kind == "energy":
+    _require(h.num_samples >= 2, "model.head.num_samples", "the energy score needs N >= 2")
+  _require(h.num_samples >= 1, "model.head.num_samples", "must be >= 1")
+  _require(h.flow_steps >= 1, "model.head.flow_steps", "must be >= 1")
+  _require(h.diffusion_steps >= 2, "model.head.diffusion_steps", "must be >= 2")
+  _require(1 <= h.sampling_steps <= h.diffusion_steps, "model.head.sampling_steps",
+           f"must be in [1, diffusion_steps={h.diffusion_steps}], got {h.sampling_steps}")
+  _require(math.isfinite(h.noise_temperature) and h.noise_temperature >= 0,
+           "model.head.noise_temperature", f"must be >= 0, got {h.noise_temperature}")
   _require(h.num_target_samples >= 1, "model.head.num_target_samples", "must be >= 1")
   _require(0.0 < h.beta < 2.0, "model.head.beta", f"must be in (0, 2), got {h.beta}")
   _require(h.noise_dim >= 1 and h.num_blocks >= 1, "model.head", "noise_dim and num_blocks >= 1")

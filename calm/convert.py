@@ -83,11 +83,27 @@ def backbone_table() -> list[Row]:
   return rows + _swiglu("layers.{i}.mlp", f"{layer}.mlp")
 
 
-def calm_table() -> list[Row]:
-  """Reference CALM names (`transformer.*`, `embed_proj.*`, `mlp_generator.*`) → `CALM`."""
+def adaln_table(ref: str, ours: str) -> list[Row]:
+  """The flow / diffusion heads' `SimpleMLPAdaLN` (`{ref}.*`) → `AdaLNMLP` (`{ours}.*`)."""
+  rows = _linear(f"{ref}.time_embed.mlp.0", f"{ours}.time.fc1")
+  rows += _linear(f"{ref}.time_embed.mlp.2", f"{ours}.time.fc2")
+  rows += _linear(f"{ref}.cond_embed", f"{ours}.cond") + _linear(f"{ref}.input_proj", f"{ours}.inp")
+  b, o = f"{ref}.res_blocks.{{i}}", f"{ours}.blocks.{{i}}"
+  rows += _layernorm(f"{b}.in_ln", f"{o}.norm")
+  rows += _linear(f"{b}.mlp.0", f"{o}.fc1") + _linear(f"{b}.mlp.2", f"{o}.fc2")
+  rows += _linear(f"{b}.adaLN_modulation.1", f"{o}.ada")
+  rows += _linear(f"{ref}.final_layer.linear", f"{ours}.final.out")
+  return rows + _linear(f"{ref}.final_layer.adaLN_modulation.1", f"{ours}.final.ada")
+
+
+def calm_table(kind: str = "energy") -> list[Row]:
+  """Reference CALM names (`transformer.*`, `embed_proj.*`, and the head: `mlp_generator.*` for
+  energy, `generative_head.net.*` for flow / diffusion) → `CALM`."""
   rows = [("transformer." + r, o, k) for r, o, k in backbone_table()]
   rows += _linear("embed_proj.0", "compress.up") + _linear("embed_proj.2", "compress.down")
   rows += _layernorm("embed_proj.3", "compress.norm")
+  if kind != "energy":
+    return rows + adaln_table("generative_head.net", f"{kind}_head.net")
   g, h = "mlp_generator", "energy_head"
   rows += _linear(f"{g}.noise_embd", f"{h}.noise_in")
   rows += _linear(f"{g}.hidden_embd", f"{h}.hidden_in")
@@ -113,7 +129,7 @@ def table(stage: str, model_cfg: ModelConfig) -> list[Row]:
   if stage == "autoencoder":
     return autoencoder_table()
   if stage == "calm":
-    return calm_table()
+    return calm_table(model_cfg.head.kind)
   return ar_table(model_cfg.tie_ar_embeddings)
 
 
