@@ -114,17 +114,25 @@ def autoencoder_loss(ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
 
 def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
               ) -> tuple[jax.Array, Metrics]:
-  """−energy score of N head samples against M draws of the frozen AE posterior of the next chunk.
+  """The head's loss against draws of the frozen AE posterior of the next chunk.
 
-  Position i reads chunk i and is scored against chunk i+1; `ae` receives no gradient.
+  energy: −energy score of N head samples against M posterior draws. flow / diffusion: the
+  head's regression loss on N posterior draws per position (as the reference: `num_samples`
+  draws, each with its own time and noise), averaged. Position i reads chunk i and is scored
+  against chunk i+1; `ae` receives no gradient.
   """
   h = cfg.head
   k_noise, k_eps = jax.random.split(key)
   ids_BSK = _chunks(ids_BT, cfg.chunk_size)
   mu, logstd = jax.lax.stop_gradient(ae.encode(ids_BSK[:, 1:]))
+  num_targets = h.num_target_samples if h.kind == "energy" else h.num_samples
   y_MBSL = mu + jnp.exp(logstd) * jax.random.normal(
-      k_eps, (h.num_target_samples, *mu.shape), jnp.float32)
+      k_eps, (num_targets, *mu.shape), jnp.float32)
   hid, _ = model.hidden(ids_BSK[:, :-1])
+  if h.kind != "energy":
+    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise)
+    loss = jnp.mean(loss_NBS)
+    return loss, {"loss": loss, **extra}
   x_NBSL = model.sample(hid, k_noise, h.num_samples)
   score, dxx, dxy = energy_terms(x_NBSL, y_MBSL, h.beta)
   loss = -jnp.mean(score)

@@ -139,11 +139,17 @@ def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
     d, h, L = cfg.backbone.hidden_dim, cfg.head, cfg.latent_dim
     compress = K * d * 2 * d + 2 * d * d
     backbone = _backbone_macs_per_position(cfg, seq_tokens / K / 2)
-    head_shared = d * d + h.num_blocks * d * d  # hidden_in and the y half of each fc1
-    head_sample = h.noise_dim * d + h.num_blocks * (d * d + d * d + d * 2 * d + d * d)
-    head_sample += d * d + d * L
-    energy = h.num_samples * h.num_target_samples * L
-    trained = compress + backbone + head_shared + h.num_samples * head_sample + energy
+    if h.kind == "energy":
+      head_shared = d * d + h.num_blocks * d * d  # hidden_in and the y half of each fc1
+      head_sample = h.noise_dim * d + h.num_blocks * (d * d + d * d + d * 2 * d + d * d)
+      head_sample += d * d + d * L
+      energy = h.num_samples * h.num_target_samples * L
+      trained = compress + backbone + head_shared + h.num_samples * head_sample + energy
+    else:  # the conditioning MLP once per target draw (its time differs), cond(h) once
+      out = L if h.kind == "flow" else 2 * L
+      head_sample = 256 * d + d * d + L * d  # time MLP, input
+      head_sample += h.num_blocks * (3 * d * d + 2 * d * d) + 2 * d * d + d * out
+      trained = compress + backbone + d * d + h.num_samples * head_sample
     frozen = _ae_macs_per_chunk(cfg)[0]
     return (6.0 * trained + 2.0 * frozen) / K
   raise ValueError(f"unknown stage {stage!r}")

@@ -52,13 +52,10 @@ class ChunkSampler:
 def decode_candidates(calm, ae, h_BD: jax.Array, key: jax.Array, num: int) -> jax.Array:
   """`num` chunks per row: head samples decoded by the AE with argmax → int32 [B, num, K].
 
-  Row b's noise comes from fold_in(key, b), so a row's draws do not depend on the batch size.
+  Row b's randomness comes from fold_in(key, b), so a row's draws do not depend on the batch
+  size. Any head: only `calm.draw` differs.
   """
-  B = h_BD.shape[0]
-  noise_BNU = jax.vmap(lambda b: jax.random.uniform(
-      jax.random.fold_in(key, b), (num, calm.noise_dim), jnp.float32, -0.5, 0.5))(jnp.arange(B))
-  z_BNL = calm.head(h_BD[:, None, :], noise_BNU)
-  return ae.decode_ids(z_BNL)
+  return ae.decode_ids(calm.draw(h_BD, key, num))
 
 
 def next_chunk(calm, ae, h_BD: jax.Array, key: jax.Array,

@@ -252,13 +252,13 @@ def test_calm_document_scores(K):
 
 class _IIDChunks:
   """Stands in for both CALM and its autoencoder: every next chunk is drawn i.i.d. from `table`
-  with probabilities `q`, whatever the prefix (the head passes its uniform noise through; the
-  "decoder" inverts q's CDF). Brier-n of such a model has a closed form."""
+  with probabilities `q`, whatever the prefix (the head draws uniform noise; the "decoder"
+  inverts q's CDF). Brier-n of such a model has a closed form."""
 
   def __init__(self, table, q):
     self.table = jnp.asarray(table, jnp.int32)
     self.cdf = jnp.cumsum(jnp.asarray(q, jnp.float32))
-    self.chunk_size, self.noise_dim = self.table.shape[1], 1
+    self.chunk_size = self.table.shape[1]
 
   def init_cache(self, batch, max_len):
     from calm.models.transformer import KVCache
@@ -272,8 +272,9 @@ class _IIDChunks:
     B, S = ids_BSK.shape[:2]
     return jnp.zeros((B, S, 1)), KVCache(cache.k, cache.v, cache.length + S)
 
-  def head(self, h, noise):
-    return noise + 0.5  # u ~ U(0, 1)
+  def draw(self, h_BD, key, num):
+    keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(h_BD.shape[0]))
+    return jax.vmap(lambda k: jax.random.uniform(k, (num, 1)))(keys_B)  # u ~ U(0, 1)
 
   def decode_ids(self, z):
     idx = jnp.minimum(jnp.sum(z >= self.cdf, axis=-1), self.cdf.shape[0] - 1)

@@ -1,4 +1,4 @@
-"""CALM: chunk compression → causal backbone → energy-score generative head."""
+"""CALM: chunk compression → causal backbone → generative head (energy, flow or diffusion)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from calm.config import ModelConfig
+from calm.models.diffusion_head import DiffusionHead
+from calm.models.flow_head import FlowHead
 from calm.models.layers import Embedding, LayerNorm, Linear, compute_dtype, zeros_init
 from calm.models.transformer import KVCache, Transformer
 
@@ -83,18 +85,41 @@ class EnergyHead(nnx.Module):
     z = self.out_fc2(jax.nn.silu(self.out_fc1(self.out_norm(x))))
     return z.astype(jnp.float32)
 
+  calls_per_sample = 1
+
+  def draw(self, h_BD: jax.Array, keys_B: jax.Array, num: int) -> jax.Array:
+    """`num` samples per row, row b's noise from keys_B[b] → z [B, num, L]."""
+    noise_BNU = jax.vmap(lambda k: jax.random.uniform(
+        k, (num, self.noise_dim), jnp.float32, -0.5, 0.5))(keys_B)
+    return self(h_BD[:, None, :], noise_BNU)
+
+  def sample(self, h_BSD: jax.Array, key: jax.Array, num: int) -> jax.Array:
+    """`num` samples per position with u ~ U(−0.5, 0.5)^noise_dim → z [num, B, S, L]."""
+    noise_NBSU = jax.random.uniform(key, (num, *h_BSD.shape[:-1], self.noise_dim),
+                                    jnp.float32, -0.5, 0.5)
+    return self(h_BSD, noise_NBSU)
+
+
+HEADS = {"energy": EnergyHead, "flow": FlowHead, "diffusion": DiffusionHead}
+
 
 class CALM(nnx.Module):
   """Continuous autoregressive LM over chunk vectors: its own token embedding (not the AE's),
-  input compression, Llama backbone and energy head."""
+  input compression, Llama backbone and a generative head (`energy_head`, `flow_head` or
+  `diffusion_head`, per `model.head.kind`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.chunk_size, self.latent_dim = cfg.chunk_size, cfg.latent_dim
-    self.noise_dim = cfg.head.noise_dim
+    self.head_kind = cfg.head.kind
     self.embed = Embedding(cfg.vocab_size, cfg.backbone.hidden_dim, dtype=cfg.dtype, rngs=rngs)
     self.compress = InputCompression(cfg, rngs=rngs)
     self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, rngs=rngs)
-    self.energy_head = EnergyHead(cfg, rngs=rngs)
+    setattr(self, f"{self.head_kind}_head", HEADS[self.head_kind](cfg, rngs=rngs))
+
+  @property
+  def generator(self) -> EnergyHead | FlowHead | DiffusionHead:
+    """The generative head."""
+    return getattr(self, f"{self.head_kind}_head")
 
   def init_cache(self, batch: int, max_chunks: int, dtype: str | None = None) -> KVCache:
     return self.backbone.init_cache(batch, max_chunks, dtype)
@@ -109,11 +134,15 @@ class CALM(nnx.Module):
     return self.backbone(self.compress_chunks(ids_BSK), positions_BT=positions_BS, cache=cache)
 
   def head(self, h_BSD: jax.Array, noise_BSU: jax.Array) -> jax.Array:
-    """One latent per noise vector; noise may carry extra leading sample dims."""
+    """Energy head: one latent per noise vector; noise may carry extra leading sample dims."""
     return self.energy_head(h_BSD, noise_BSU)
 
   def sample(self, h_BSD: jax.Array, key: jax.Array, num: int) -> jax.Array:
-    """`num` head samples per position with u ~ U(−0.5, 0.5)^noise_dim → z [num, B, S, L]."""
-    noise_NBSU = jax.random.uniform(key, (num, *h_BSD.shape[:-1], self.noise_dim),
-                                    jnp.float32, -0.5, 0.5)
-    return self.head(h_BSD, noise_NBSU)
+    """`num` head samples per position → z [num, B, S, L]."""
+    return self.generator.sample(h_BSD, key, num)
+
+  def draw(self, h_BD: jax.Array, key: jax.Array, num: int) -> jax.Array:
+    """`num` head samples per row → z [B, num, L]; row b's randomness comes from
+    fold_in(key, b), so a row's draws do not depend on the batch size."""
+    keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(h_BD.shape[0]))
+    return self.generator.draw(h_BD, keys_B, num)
