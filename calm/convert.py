@@ -261,8 +261,9 @@ def normalize(weights: Mapping[str, np.ndarray], stage: str, model_cfg: ModelCon
 
   autoencoder: `ae_model.` prefix optional (when present, other tensors are ignored: a CALM
   directory that embeds its autoencoder); the tied `decoder.lm_head_weight` must equal the
-  embedding. calm: `ae_model.*` dropped (see `embedded_autoencoder`), `generative_head.*` is the
-  same module as `mlp_generator.*`. ar: `rotary_emb.inv_freq` buffers dropped; a tied `lm_head`
+  embedding. calm: `ae_model.*` dropped (see `embedded_autoencoder`); for the energy head
+  `generative_head.*` is the same module as `mlp_generator.*` (the flow / diffusion heads'
+  tensors are `generative_head.net.*`). ar: `rotary_emb.inv_freq` buffers dropped; a tied `lm_head`
   must equal the embedding.
   """
   w = dict(weights)
@@ -273,8 +274,9 @@ def normalize(weights: Mapping[str, np.ndarray], stage: str, model_cfg: ModelCon
       _merge_alias(w, alias, "encoder.embed_tokens.weight", where)
   elif stage == "calm":
     w = {k: v for k, v in w.items() if not k.startswith("ae_model.")}
-    for k in [k for k in w if k.startswith("generative_head.")]:
-      _merge_alias(w, k, "mlp_generator." + k[len("generative_head."):], where)
+    if model_cfg is None or model_cfg.head.kind == "energy":
+      for k in [k for k in w if k.startswith("generative_head.")]:
+        _merge_alias(w, k, "mlp_generator." + k[len("generative_head."):], where)
   elif stage == "ar":
     w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
     if model_cfg is not None and model_cfg.tie_ar_embeddings:
@@ -417,6 +419,13 @@ _CALM_FIELDS: dict[str, tuple[str, ...]] = {
     "num_target_samples": ("model.head.num_target_samples",),
     "beta": ("model.head.beta",),
     "layer_norm_eps": ("model.head.norm_eps",),
+    # flow / diffusion sampler settings (the reference fixes them in code; recorded on export)
+    "flow_solver": ("model.head.solver",),
+    "flow_steps": ("model.head.flow_steps",),
+    "noise_schedule": ("model.head.schedule",),
+    "diffusion_steps": ("model.head.diffusion_steps",),
+    "num_sampling_steps": ("model.head.sampling_steps",),
+    "noise_temperature": ("model.head.noise_temperature",),
     # the autoencoder's shape, when the CALM config repeats it: must agree with the AE's config
     "num_encoder_layers": ("model.autoencoder.num_encoder_layers",),
     "num_decoder_layers": ("model.autoencoder.num_decoder_layers",),
@@ -431,6 +440,11 @@ REQUIRED = {
     "ar": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
            "num_attention_heads"),
 }
+# A CALM config.json's `model_type` → model.head.kind ("calm": older exports of ours).
+HEAD_KINDS = {"energy": "energy", "calm": "energy", "flow": "flow", "diffusion": "diffusion"}
+# The reference's model class of each head.
+HEAD_ARCHITECTURES = {"energy": "EnergyTransformer", "flow": "FlowTransformer",
+                      "diffusion": "DiffusionTransformer"}
 # Other spellings (the parity fixture's `meta`, our own names) → reference field.
 ALIASES = {
     "vocab": "vocab_size", "K": "patch_size", "chunk_size": "patch_size", "latent": "latent_size",
@@ -494,6 +508,8 @@ def _check_fixed(raw: Mapping[str, Any], kind: str, where: str) -> None:
       bad.append(f"head_dim={raw['head_dim']} (must be hidden_size / num_attention_heads)")
   if kind == "ar" and raw.get("model_type", "llama") != "llama":
     bad.append(f"model_type={raw['model_type']!r} (a Llama model is expected)")
+  if kind == "calm" and raw.get("model_type", "energy") not in HEAD_KINDS:
+    bad.append(f"model_type={raw['model_type']!r} (a CALM head: energy, flow or diffusion)")
   if bad:
     raise ConfigError(f"{where}: unsupported {'; '.join(bad)}")
 
@@ -540,6 +556,8 @@ def config_fields(raw: Mapping[str, Any], kind: str, *, where: str = "config.jso
       out[dotted] = value
   if kind == "ar":
     out["model.tie_ar_embeddings"] = bool(raw.get("tie_word_embeddings", False))
+  if kind == "calm":
+    out["model.head.kind"] = HEAD_KINDS[raw.get("model_type", "energy")]
   if kind != "autoencoder" and "num_key_value_heads" not in canon:
     out["model.backbone.num_kv_heads"] = canon["num_attention_heads"]
   return out
@@ -594,12 +612,18 @@ def reference_config(cfg: Config) -> dict:
   if cfg.stage == "ar":
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama,
             "tie_word_embeddings": m.tie_ar_embeddings, "torch_dtype": "float32"}
-  return {"architectures": ["EnergyTransformer"], "model_type": "calm", **llama,
-          "patch_size": m.chunk_size, "latent_size": m.latent_dim, "noise_size": h.noise_dim,
-          "num_mlp_layers": h.num_blocks, "num_samples": h.num_samples,
-          "num_target_samples": h.num_target_samples, "beta": h.beta,
-          "layer_norm_eps": h.norm_eps, "num_encoder_layers": a.num_encoder_layers,
-          "num_decoder_layers": a.num_decoder_layers, "torch_dtype": "float32"}
+  out = {"architectures": [HEAD_ARCHITECTURES[h.kind]], "model_type": h.kind, **llama,
+         "patch_size": m.chunk_size, "latent_size": m.latent_dim, "noise_size": h.noise_dim,
+         "num_mlp_layers": h.num_blocks, "num_samples": h.num_samples,
+         "num_target_samples": h.num_target_samples, "beta": h.beta,
+         "layer_norm_eps": h.norm_eps, "num_encoder_layers": a.num_encoder_layers,
+         "num_decoder_layers": a.num_decoder_layers}
+  if h.kind == "flow":
+    out.update(flow_solver=h.solver, flow_steps=h.flow_steps)
+  elif h.kind == "diffusion":
+    out.update(noise_schedule=h.schedule, diffusion_steps=h.diffusion_steps,
+               num_sampling_steps=h.sampling_steps, noise_temperature=h.noise_temperature)
+  return {**out, "torch_dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------- writing runs

@@ -316,3 +316,75 @@ def test_brier_scores_any_head(tiny_models):
                                           chunk_size=4, batch_size=2, seed=0, pad_id=0)
   assert est.shape[1] == 4 and set(np.unique(est)) <= {-1.0, 0.0, 1.0, 2.0}
   assert set(np.unique(doc_ids)) == {0, 1}
+
+
+def test_sharded_loss_matches_single_device(kind="diffusion"):
+  """The heads' logical axes shard them; one (the heads share the conditioning network) is
+  checked on a 2×2×2 mesh against one device."""
+  from calm import sharding, stages
+  from calm.config import MeshConfig
+  from test_train import _loss_and_grads, one_device_mesh
+
+  cfg = config_lib.load(ROOT / "configs" / "tiny.yaml",
+                        ["stage=calm", f"model.head.kind={kind}", "model.backbone.num_heads=4",
+                         "model.backbone.num_kv_heads=2"])
+  ids = np.asarray(jax.random.randint(jax.random.key(0), (8, 32), 0, 512), np.int32)
+  ae_cfg = config_lib.replace(cfg, stage="autoencoder")
+  ae_def, ae_params = nnx.split(stages.get_stage(ae_cfg).build(cfg.model, nnx.Rngs(7)))
+  ref_loss, ref_grads, _ = _loss_and_grads(cfg, one_device_mesh(), ids, ae_params, ae_def)
+  mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+  loss, grads, params = _loss_and_grads(cfg, mesh, ids, ae_params, ae_def)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+  head = params[f"{kind}_head"]
+  assert any(any(ax is not None for ax in x.sharding.spec) for x in jax.tree.leaves(head))
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_official_round_trip(tmp_path, kind):
+  """official → calm-jax → official is bit-identical; the head's tensor names and shapes are the
+  official modules' (the fixture's, when present)."""
+  from calm import checkpoint
+  from test_convert import _flat, _random_run
+
+  base = config_lib.replace(config_lib.load(ROOT / "configs" / "tiny.yaml"),
+                            **{"checkpoint.async_save": False, "model.head.kind": kind,
+                               **({"model.head.flow_steps": 4} if kind == "flow" else
+                                  {"model.head.sampling_steps": 50})})
+  ae_cfg = config_lib.replace(base, stage="autoencoder", run_dir=str(tmp_path / "ae"))
+  calm_cfg = config_lib.replace(base, stage="calm", run_dir=str(tmp_path / "calm"),
+                                **{"train.autoencoder": str(tmp_path / "ae")})
+  _random_run(tmp_path / "ae", ae_cfg, 1)
+  model = _random_run(tmp_path / "calm", calm_cfg, 2)
+  ref_ae = convert.export_reference(tmp_path / "ae", tmp_path / "ref_ae", "npz")
+  ref = convert.export_reference(tmp_path / "calm", tmp_path / "ref_calm", "safetensors")
+  cfg_json = json.loads((ref / "config.json").read_text())
+  assert cfg_json["model_type"] == kind
+  assert cfg_json["architectures"] == [{"flow": "FlowTransformer",
+                                        "diffusion": "DiffusionTransformer"}[kind]]
+  weights = convert.read_weights(ref)
+  head = {k[len("generative_head."):]: v.shape for k, v in weights.items()
+          if k.startswith("generative_head.")}
+  assert len(head) == 12 + 8 * base.model.head.num_blocks
+  if FIXTURE.is_file():  # same sizes as the fixture: latent 16, width 32, 2 blocks
+    npz = np.load(FIXTURE)
+    prefix = {"flow": "flow/w/", "diffusion": "diff/w/"}[kind]
+    assert head == {k[len(prefix):]: npz[k].shape for k in npz.files if k.startswith(prefix)}
+
+  runs = convert.convert(tmp_path / "out", ae=ref_ae, calm=ref)
+  loaded = checkpoint.load_for_inference(runs["calm"], expect_stage="calm")
+  assert loaded.config.model.head == base.model.head
+  want, got = _flat(model), _flat(loaded.model)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  again = convert.export_reference(runs["calm"], tmp_path / "ref_again", "safetensors")
+  assert json.loads((again / "config.json").read_text()) == cfg_json
+  back = convert.read_weights(again)
+  assert back.keys() == weights.keys()
+  for k in weights:
+    np.testing.assert_array_equal(back[k], weights[k], err_msg=k)
