@@ -1,6 +1,7 @@
 """Generation throughput: CALM at T=1 and T=0.5 (exact and batch samplers) and the AR baseline.
 
   python -m bench.bench_generate [--sizes tiny] [--batches 1,8] [--rounds 3] [--out FILE]
+                                 [--heads energy,flow,diffusion]
 
 Randomly initialised models: speed does not depend on the weights, except for the exact
 sampler, whose cost per chunk is (draws per chunk) × (one head sample + AE decode). The head's
@@ -10,12 +11,15 @@ max_attempts every time), unlike a trained, peaked model. The exact sampler is t
 on the zero-output head, where all draws agree: its minimum cost at T=0.5, n=2 draws per chunk
 (`draws` column); a model with collision probability Σ P(x)² needs about 2/Σ P(x)² draws.
 The batch sampler's cost (N=200 candidates) does not depend on the weights. EOS is disabled so
-every row generates `max_new_tokens`. Compilation is timed separately (first call).
+every row generates `max_new_tokens`. Compilation is timed separately (first call). With
+`--heads`, the flow and diffusion heads (official sampler settings: 20 and 100 network calls per
+sample) are timed at T=1 (`calm_flow_T1`, `calm_diffusion_T1`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Callable
@@ -26,7 +30,7 @@ from flax import nnx
 
 from bench import common
 from calm import sampling
-from calm.errors import cli
+from calm.errors import CalmError, cli
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
@@ -36,17 +40,19 @@ NO_EOS, PAD = -1, 0
 HEAD_OUT_SCALE = 0.02  # std of the benchmark head's output kernel (see the module docstring)
 
 
-def build_models(size: common.Size):
+def build_models(size: common.Size, head: str = "energy"):
   """(CALM with a random output layer, the same CALM with a zero one, AE, AR)."""
-  m = size.model
+  m = dataclasses.replace(size.model, head=dataclasses.replace(size.model.head, kind=head))
   peaked = CALM(m, rngs=nnx.Rngs(0))
   calm = CALM(m, rngs=nnx.Rngs(0))
-  w = calm.energy_head.out_fc2.kernel
+  g = calm.generator
+  w = g.out_fc2.kernel if head == "energy" else g.net.final.out.kernel
   w[...] = HEAD_OUT_SCALE * jax.random.normal(jax.random.key(9), w.shape)
   return calm, peaked, Autoencoder(m, rngs=nnx.Rngs(1)), ARModel(m, rngs=nnx.Rngs(2))
 
 
-def modes(size: common.Size, calm, peaked, ae, ar) -> dict[str, tuple[Callable, int]]:
+def modes(size: common.Size, calm, peaked, ae, ar, head: str = "energy"
+          ) -> dict[str, tuple[Callable, int]]:
   """name → (fn(prompts, key, new) → (tokens, stats), max_new_tokens)."""
   def calm_fn(sampler, calm=calm):
     def f(prompts, key, new):
@@ -58,6 +64,8 @@ def modes(size: common.Size, calm, peaked, ae, ar) -> dict[str, tuple[Callable, 
     return sampling.generate_ar(ar, prompts, key, max_new_tokens=new, eos_id=NO_EOS,
                                 pad_id=PAD), {}
 
+  if head != "energy":
+    return {f"calm_{head}_T1": (calm_fn(sampling.ChunkSampler(1.0)), 64)}
   return {
       "calm_T1": (calm_fn(sampling.ChunkSampler(1.0)), 128),
       "calm_T0.5_exact": (calm_fn(sampling.ChunkSampler(0.5, "exact"), peaked), 64),
@@ -66,16 +74,18 @@ def modes(size: common.Size, calm, peaked, ae, ar) -> dict[str, tuple[Callable, 
   }
 
 
-def run(sizes: list[str], batches: list[int], rounds: int) -> list[dict]:
+def run(sizes: list[str], batches: list[int], rounds: int,
+        heads: tuple[str, ...] = ("energy",)) -> list[dict]:
   rows = []
   for name in sizes:
     size = common.SIZES[name]
-    calm, peaked, ae, ar = build_models(size)
+    built = {h: build_models(size, h) for h in heads}
     rng = np.random.default_rng(0)
     for b in batches:
       prompts = rng.integers(4, size.model.vocab_size, (b, PROMPT_TOKENS)).tolist()
       fns, info = {}, {}
-      for mode, (fn, new) in modes(size, calm, peaked, ae, ar).items():
+      all_modes = {k: v for h in heads for k, v in modes(size, *built[h], h).items()}
+      for mode, (fn, new) in all_modes.items():
         common.reset_peak_rss()
         t = time.perf_counter()
         out, _ = fn(prompts, jax.random.key(0), new)
@@ -106,10 +116,10 @@ def run(sizes: list[str], batches: list[int], rounds: int) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> None:
-  print(f"{'size':<6} {'mode':<16} {'batch':>5} {'new':>4} {'tokens/s':>9} {'first s':>8} "
+  print(f"{'size':<6} {'mode':<18} {'batch':>5} {'new':>4} {'tokens/s':>9} {'first s':>8} "
         f"{'draws':>6} {'peak MiB':>8}")
   for r in rows:
-    print(f"{r['size']:<6} {r['mode']:<16} {r['batch']:>5} {r['new_tokens']:>4} "
+    print(f"{r['size']:<6} {r['mode']:<18} {r['batch']:>5} {r['new_tokens']:>4} "
           f"{r['tokens_per_s']:>9,.1f} {r['compile_and_first_s']:>8.1f} "
           f"{common.fmt(r['mean_draws'], 1):>6} {r['peak_memory_mib']:>8.0f}")
 
@@ -121,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--out", default=str(common.RESULTS / "generate.json"))
+  ap.add_argument("--heads", default="energy", help="comma-separated: energy,flow,diffusion")
   args = ap.parse_args(argv)
+  heads = tuple(args.heads.split(","))
+  bad = [h for h in heads if h not in ("energy", "flow", "diffusion")]
+  if bad:
+    raise CalmError(f"--heads: unknown head {bad[0]!r} (energy, flow or diffusion)")
   info, load0 = common.machine(), common.load_average()
-  rows = run(args.sizes.split(","), [int(b) for b in args.batches.split(",")], args.rounds)
+  rows = run(args.sizes.split(","), [int(b) for b in args.batches.split(",")], args.rounds,
+             heads)
   print_rows(rows)
   common.write_results(args.out, rows, info, load0)
   return 0
