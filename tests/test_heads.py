@@ -351,7 +351,7 @@ def test_sharded_loss_matches_single_device(kind="diffusion"):
 def test_official_round_trip(tmp_path, kind):
   """official → calm-jax → official is bit-identical; the head's tensor names and shapes are the
   official modules' (the fixture's, when present)."""
-  from calm import checkpoint
+  from calm import run
   from test_convert import _flat, _random_run
 
   base = config_lib.replace(config_lib.load(ROOT / "configs" / "tiny.yaml"),
@@ -379,7 +379,7 @@ def test_official_round_trip(tmp_path, kind):
     assert head == {k[len(prefix):]: npz[k].shape for k in npz.files if k.startswith(prefix)}
 
   runs = convert.convert(tmp_path / "out", ae=ref_ae, calm=ref)
-  loaded = checkpoint.load_for_inference(runs["calm"], expect_stage="calm")
+  loaded = run.load_model(runs["calm"], expect_stage="calm")
   assert loaded.config.model.head == base.model.head
   want, got = _flat(model), _flat(loaded.model)
   assert want.keys() == got.keys()
