@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, SHARED
 from flax import nnx
 
-from calm import config as config_lib, convert, losses, sampling
+from calm import config as config_lib
+from calm import convert, losses, sampling
 from calm.models.calm import CALM
 from calm.models.diffusion_head import DiffusionHead
 from calm.models.diffusion_schedule import make_schedule
 from calm.models.flow_head import FlowHead
-
-from conftest import ROOT, SHARED
 
 FIXTURE = SHARED / "fixtures" / "reference_heads.npz"
 
@@ -51,7 +51,7 @@ def ref():
     pytest.skip(f"{FIXTURE} not present")
   npz = np.load(FIXTURE)
   meta = json.loads(str(npz["meta"]))
-  cfg = dict(latent=meta["latent"], hidden=meta["hidden"], blocks=meta["num_mlp_layers"])
+  cfg = {"latent": meta["latent"], "hidden": meta["hidden"], "blocks": meta["num_mlp_layers"]}
   assert meta["flow"] == {"solver": "midpoint", "steps": 20}  # network calls
   flow = FlowHead(head_config("flow", **cfg, solver="midpoint", flow_steps=10), rngs=nnx.Rngs(0))
   diff = DiffusionHead(head_config("diffusion", **cfg), rngs=nnx.Rngs(0))
@@ -284,7 +284,7 @@ def test_training_loss_learns(tiny_models):
     def f(p):
       return losses.calm_loss(nnx.merge(graphdef, p), ae, ids, key, cfg.model)
 
-    (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(params)
+    (_, metrics), g = jax.value_and_grad(f, has_aux=True)(params)
     upd, opt = tx.update(g, opt)
     return optax.apply_updates(params, upd), opt, metrics
 
@@ -299,9 +299,9 @@ def test_training_loss_learns(tiny_models):
 
 
 def test_generation_rows_do_not_depend_on_batch(tiny_models):
-  cfg, calm, ae = tiny_models
+  _, calm, ae = tiny_models
   prompts = [[5, 17, 99, 42], [8, 9, 10, 11, 12, 13, 14, 15]]
-  kw = dict(max_new_tokens=12, eos_id=3, pad_id=0)
+  kw = {"max_new_tokens": 12, "eos_id": 3, "pad_id": 0}
   key = jax.random.key(4)
   both, _ = sampling.generate_calm(calm, ae, prompts, key, **kw)
   one, _ = sampling.generate_calm(calm, ae, prompts[:1], key, **kw)
@@ -313,7 +313,7 @@ def test_generation_rows_do_not_depend_on_batch(tiny_models):
 def test_brier_scores_any_head(tiny_models):
   from calm import evaluate
 
-  cfg, calm, ae = tiny_models
+  _, calm, ae = tiny_models
   docs = [np.arange(1, 40) % 500, np.arange(3, 30) % 500]
   est, doc_ids = evaluate.score_documents("calm", (calm, ae), docs, block_tokens=16,
                                           chunk_size=4, batch_size=2, seed=0, pad_id=0)
@@ -324,9 +324,10 @@ def test_brier_scores_any_head(tiny_models):
 def test_sharded_loss_matches_single_device(kind="diffusion"):
   """The heads' logical axes shard them; one (the heads share the conditioning network) is
   checked on a 2×2×2 mesh against one device."""
+  from test_train import _loss_and_grads, one_device_mesh
+
   from calm import sharding, stages
   from calm.config import MeshConfig
-  from test_train import _loss_and_grads, one_device_mesh
 
   cfg = config_lib.load(ROOT / "configs" / "tiny.yaml",
                         ["stage=calm", f"model.head.kind={kind}", "model.backbone.num_heads=4",
@@ -351,8 +352,9 @@ def test_sharded_loss_matches_single_device(kind="diffusion"):
 def test_official_round_trip(tmp_path, kind):
   """official → calm-jax → official is bit-identical; the head's tensor names and shapes are the
   official modules' (the fixture's, when present)."""
-  from calm import run
   from test_convert import _flat, _random_run
+
+  from calm import run
 
   base = config_lib.replace(config_lib.load(ROOT / "configs" / "tiny.yaml"),
                             **{"checkpoint.async_save": False, "model.head.kind": kind,

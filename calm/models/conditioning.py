@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from calm.models.layers import LayerNorm, Linear, compute_dtype, zeros_init
+from calm.models.layers import LayerNorm, Linear, zeros_init
 
 FREQ_DIM = 256  # width of the sinusoidal time features
 _EPS = 1e-6
@@ -100,7 +100,6 @@ class AdaLNMLP(nnx.Module):
                       kernel_init=xavier_init, rngs=rngs)
     self.blocks = nnx.List([AdaLNBlock(width, dtype=dtype, rngs=rngs) for _ in range(num_blocks)])
     self.final = AdaLNFinal(width, out_dim, dtype=dtype, rngs=rngs)
-    self.dtype = compute_dtype(dtype)
 
   def apply(self, x_I: jax.Array, y_D: jax.Array) -> jax.Array:
     """The network for a given conditioning vector y = time(t) + cond(c)."""

@@ -82,7 +82,7 @@ def _betas(schedule: str, steps: int) -> np.ndarray:
   raise ValueError(f"unknown noise schedule {schedule!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_schedule(schedule: str, steps: int, respaced: int | None = None) -> Schedule:
   """The training schedule (`respaced` None) or its `respaced`-step sampling chain. Both go
   through the respacing (as the reference's), which recomputes even the kept-all betas."""

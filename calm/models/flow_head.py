@@ -26,7 +26,7 @@ def _time_index(t: jax.Array | np.ndarray) -> jax.Array:
   return jnp.floor(jnp.asarray(t, jnp.float32) * jnp.float32(TIME_SCALE))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def solver_times(solver: str, steps: int) -> tuple[np.ndarray, np.ndarray, float]:
   """(t_k, midpoint t_k + dt/2 as time indices, dt) of a `steps`-step solver, float32 as the
   reference computes them."""
