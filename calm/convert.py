@@ -8,7 +8,8 @@ A source is a Hugging Face-style directory: `config.json` plus weights as `model
 autoencoder is written to RUN_DIR/autoencoder, the CALM model to RUN_DIR/calm (its
 `train.autoencoder` pointing at the former), a Llama baseline to RUN_DIR/ar; each holds a step-0
 checkpoint, a `config.yaml` usable by `sample.py` / `python -m calm.evaluate`, and the source's
-tokenizer files if it has any.
+tokenizer files if it has any. A CALM config.json's `model_type` (energy, flow or diffusion)
+selects the generative head, in both directions.
 """
 
 from __future__ import annotations
