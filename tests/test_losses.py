@@ -155,6 +155,82 @@ def test_autoencoder_loss(cfg):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+def _ae_loss_with_masks(ae, ids_BSK, tok_drop_BSK, eps_BSL, keep_BSL, p_lat, cfg):
+  """K·CE + w·KL (float64 CE) for given token-dropout / latent-keep masks and ε."""
+  a = cfg.autoencoder
+  mu, logstd = ae.encode(jnp.where(tok_drop_BSK, 0, ids_BSK))
+  z = mu + jnp.exp(logstd) * eps_BSL
+  z = jnp.where(keep_BSL, z / (1.0 - p_lat), 0.0)
+  logits = np.asarray(ae.decode(z), np.float64)
+  logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                keepdims=True)) - logits.max(-1, keepdims=True)
+  ce = -np.mean(np.take_along_axis(logp, np.asarray(ids_BSK)[..., None], -1))
+  kl = np.mean(np.asarray(losses.kl_per_chunk(mu, logstd, a.kl_clamp)))
+  return cfg.chunk_size * ce + a.kl_weight * kl
+
+
+def test_autoencoder_loss_applies_the_configured_dropouts(cfg):
+  """The loss equals a reference computed with the token / latent masks drawn from its keys,
+  and that reference differs from the one without dropout (so a dropout lost inside the loss
+  cannot pass)."""
+  a = cfg.autoencoder
+  assert a.token_dropout > 0 and a.latent_dropout > 0
+  ae = build(Autoencoder, cfg, 0, randomise=True)
+  ids_BT = jax.random.randint(jax.random.key(0), (4, 32), 1, cfg.vocab_size)
+  key = jax.random.key(1)
+  graphdef, state = nnx.split(ae)
+  loss, _ = jax.jit(lambda st, ids, key: losses.autoencoder_loss(
+      nnx.merge(graphdef, st), ids, key, cfg))(state, ids_BT, key)
+
+  k_tok, k_eps, k_drop = jax.random.split(key, 3)
+  ids_BSK = ids_BT.reshape(4, -1, cfg.chunk_size)
+  shape_BSL = (*ids_BSK.shape[:2], cfg.latent_dim)
+  drop_BSK = jax.random.bernoulli(k_tok, a.token_dropout, ids_BSK.shape)
+  keep_BSL = jax.random.bernoulli(k_drop, 1.0 - a.latent_dropout, shape_BSL)
+  eps_BSL = jax.random.normal(k_eps, shape_BSL)
+  assert 0 < float(jnp.mean(drop_BSK)) < 0.5 and 0.5 < float(jnp.mean(keep_BSL)) < 1
+  want = _ae_loss_with_masks(ae, ids_BSK, drop_BSK, eps_BSL, keep_BSL, a.latent_dropout, cfg)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  no_drop = jnp.zeros_like(drop_BSK)
+  all_keep = jnp.ones_like(keep_BSL)
+  for other in (_ae_loss_with_masks(ae, ids_BSK, no_drop, eps_BSL, keep_BSL, a.latent_dropout, cfg),
+                _ae_loss_with_masks(ae, ids_BSK, drop_BSK, eps_BSL, all_keep, 0.0, cfg)):
+    assert abs(other - want) > 1e-4 * abs(want), (other, want)  # 100× the tolerance above
+
+
+def test_calm_loss_scores_each_position_against_the_next_chunk(cfg):
+  """Recomputed position by position: the hidden state of chunks 0..i (a prefix on its own)
+  drives N head samples that are scored against M posterior draws of chunk i+1 alone."""
+  h = cfg.head
+  model = build(CALM, cfg, 0, randomise=True)
+  ae = build(Autoencoder, cfg, 1, randomise=True)
+  B, S, K = 2, 5, cfg.chunk_size
+  ids_BSK = jax.random.randint(jax.random.key(0), (B, S, K), 0, cfg.vocab_size)
+  key = jax.random.key(2)
+  gd_m, st_m = nnx.split(model)
+  gd_a, st_a = nnx.split(ae)
+  loss, _ = jax.jit(lambda sm, sa, ids, key: losses.calm_loss(
+      nnx.merge(gd_m, sm), nnx.merge(gd_a, sa), ids, key, cfg))(
+          st_m, st_a, ids_BSK.reshape(B, -1), key)
+
+  k_noise, k_eps = jax.random.split(key)
+  noise_NBSU = jax.random.uniform(k_noise, (h.num_samples, B, S - 1, h.noise_dim),
+                                  jnp.float32, -0.5, 0.5)
+  eps_MBSL = jax.random.normal(k_eps, (h.num_target_samples, B, S - 1, cfg.latent_dim))
+  scores = []
+  for i in range(S - 1):
+    hid_BD = model.hidden(ids_BSK[:, :i + 1])[0][:, -1]
+    x_NBL = np.asarray(model.head(hid_BD, noise_NBSU[:, :, i]), np.float64)
+    mu_BL, logstd_BL = ae.encode(ids_BSK[:, i + 1])
+    y_MBL = np.asarray(mu_BL + jnp.exp(logstd_BL) * eps_MBSL[:, :, i], np.float64)
+    n = x_NBL.shape[0]
+    dxx = np.linalg.norm(x_NBL[:, None] - x_NBL[None, :], axis=-1).sum((0, 1)) / (n * (n - 1))
+    dxy = np.linalg.norm(x_NBL[:, None] - y_MBL[None, :], axis=-1).mean((0, 1))
+    scores.append(dxx - 2 * dxy)
+  assert h.beta == 1.0
+  np.testing.assert_allclose(loss, -np.mean(scores), rtol=1e-4)
+
+
 def test_calm_loss_trains_the_model_not_the_autoencoder(cfg):
   model = build(CALM, cfg, 0)
   ae = build(Autoencoder, cfg, 1)

@@ -18,14 +18,32 @@ from conftest import ROOT
 EOS, PAD = 3, 0
 
 
+def context_sensitive(module: nnx.Module, seed: int) -> nnx.Module:
+  """`module` with every matrix re-drawn ~ N(0, 1/fan_in) (embedding tables N(0, 1)), so
+  activations neither vanish nor explode through the layers (the default 0.02 init leaves the
+  energy head's output independent of its input to ~1e-7)."""
+  graphdef, state = nnx.split(module)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  leaves = []
+  for (path, x), k in zip(flat, keys):
+    if x.ndim < 2:
+      leaves.append(x)
+      continue
+    std = 1.0 if "table" in jax.tree_util.keystr(path) else float(np.prod(x.shape[:-1])) ** -0.5
+    leaves.append(std * jax.random.normal(k, x.shape))
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
 @pytest.fixture(scope="module")
 def models():
   cfg = config_lib.load(ROOT / "configs" / "tiny.yaml").model
-  calm = CALM(cfg, rngs=nnx.Rngs(1))
-  # a non-zero output layer so head samples depend on the noise and the context
-  w = calm.energy_head.out_fc2.kernel
-  w[...] = 0.5 * jax.random.normal(jax.random.key(9), w.shape)
-  return cfg, calm, Autoencoder(cfg, rngs=nnx.Rngs(2)), ARModel(cfg, rngs=nnx.Rngs(3))
+  calm = context_sensitive(CALM(cfg, rngs=nnx.Rngs(1)), 11)
+  # a small noise path: the context, not just the noise, decides the head's samples
+  scale = calm.energy_head.noise_norm.scale
+  scale[...] = 0.1 * scale[...]
+  ae = context_sensitive(Autoencoder(cfg, rngs=nnx.Rngs(2)), 12)
+  return cfg, calm, ae, ARModel(cfg, rngs=nnx.Rngs(3))
 
 
 def naive_calm(calm, ae, prompt, key, steps, sampler):
@@ -44,6 +62,18 @@ def naive_calm(calm, ae, prompt, key, steps, sampler):
   return out
 
 
+def test_calm_continuation_depends_on_the_whole_context(models):
+  """Prompts that differ only before their last chunk continue differently (otherwise a cache
+  that loses or misplaces the context would go unnoticed by the cached-vs-uncached test)."""
+  _, calm, ae, _ = models
+  key = jax.random.key(0)
+  a, b = [5, 17, 99, 42, 7, 8], [300, 1, 99, 42, 7, 8]  # same last chunk [99, 42, 7, 8]
+  for sampler in (sampling.ChunkSampler(1.0), sampling.ChunkSampler(0.7, "batch",
+                                                                    num_candidates=16)):
+    out_a, out_b = (naive_calm(calm, ae, p, key, 4, sampler) for p in (a, b))
+    assert np.mean(np.asarray(out_a) != np.asarray(out_b)) >= 0.5, (out_a, out_b)
+
+
 @pytest.mark.parametrize("sampler", [
     sampling.ChunkSampler(1.0),
     sampling.ChunkSampler(0.5, "exact", max_attempts=50),
@@ -52,11 +82,11 @@ def test_calm_cached_equals_uncached(models, sampler):
   _, calm, ae, _ = models
   prompt = [5, 17, 99, 42, 7, 8]  # 6 tokens: left-padded to 8
   key = jax.random.key(0)
-  got, stats = sampling.generate_calm(calm, ae, [prompt], key, max_new_tokens=12,
+  got, stats = sampling.generate_calm(calm, ae, [prompt], key, max_new_tokens=16,
                                       sampler=sampler, eos_id=EOS, pad_id=PAD)
-  want = naive_calm(calm, ae, prompt, key, 3, sampler)
-  assert got[0] == sampling._trim(np.asarray(want), EOS)[:12]
-  assert stats["chunks"] >= 1 and len(set(got[0])) > 1
+  want = naive_calm(calm, ae, prompt, key, 4, sampler)
+  assert got[0] == sampling._trim(np.asarray(want), EOS)[:16]
+  assert stats["chunks"] >= 3 and len(set(got[0])) > 1  # several chunks fed back
 
 
 def test_calm_ragged_batch_matches_single_rows(models):
