@@ -157,14 +157,15 @@ def test_fixture_parity_calm_brier():
   from flax import nnx
 
   from calm.models.autoencoder import Autoencoder
-  from test_parity import FIXTURE, assign, fixture_config, load_reference_state
+  from test_parity import FIXTURE, assign, fixture_configs, load_reference_state
 
   if not FIXTURE.is_file():
     pytest.skip(f"{FIXTURE} not present")
   npz = np.load(FIXTURE)
-  cfg = fixture_config(json.loads(str(npz["meta"])))
+  cfgs = fixture_configs(json.loads(str(npz["meta"])))
+  cfg = cfgs["autoencoder"]
   ae = Autoencoder(cfg, rngs=nnx.Rngs(0))
-  assign(ae, load_reference_state(npz, cfg)["autoencoder"])
+  assign(ae, load_reference_state(npz, cfgs)["autoencoder"])
   x1, x2 = jnp.argmax(ae.decode(jnp.asarray(npz["out/head_samples"][:2])), axis=-1)
   ids = npz["in/input_ids"]
   B, K = ids.shape[0], cfg.chunk_size

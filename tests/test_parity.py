@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ FIXTURE = SHARED / "fixtures" / "reference_tiny.npz"
 # tests also check the converter's tables, transposes and per-head splits.
 
 
-def load_reference_state(npz, cfg: config_lib.ModelConfig) -> dict[str, dict[str, np.ndarray]]:
+def load_reference_state(npz, cfgs: dict[str, config_lib.ModelConfig]
+                         ) -> dict[str, dict[str, np.ndarray]]:
   """Fixture arrays → {"autoencoder"|"calm"|"ar": {our param path: float32 array}}."""
   w = {k[2:]: npz[k] for k in npz.files if k.startswith("w/")}
   ar = {k[3:]: npz[k] for k in npz.files if k.startswith("ar/")}
@@ -33,8 +35,8 @@ def load_reference_state(npz, cfg: config_lib.ModelConfig) -> dict[str, dict[str
   out = {}
   for stage, weights in (("autoencoder", w), ("calm", w), ("ar", ar)):
     # normalize: ae_model.* prefix and tied lm_head for the AE, generative_head.* aliases for CALM
-    named = convert.normalize(weights, stage, cfg, where=f"fixture {stage}")
-    out[stage] = convert.to_params(named, stage, cfg, where=f"fixture {stage}")
+    named = convert.normalize(weights, stage, cfgs[stage], where=f"fixture {stage}")
+    out[stage] = convert.to_params(named, stage, cfgs[stage], where=f"fixture {stage}")
   return out
 
 
@@ -50,20 +52,46 @@ def assign(module: nnx.Module, flat: dict[str, np.ndarray]) -> None:
     var[...] = jnp.asarray(value)
 
 
-def fixture_config(meta: dict) -> config_lib.ModelConfig:
+def _backbone(section: dict) -> config_lib.BackboneConfig:
+  return config_lib.BackboneConfig(
+      hidden_dim=section["hidden"], num_layers=section["layers"], num_heads=section["heads"],
+      num_kv_heads=section.get("kv_heads", section["heads"]), ffn_dim=section["ffn"],
+      rope_theta=section["rope_theta"], norm_eps=section["rms_eps"])
+
+
+def fixture_configs(meta: dict) -> dict[str, config_lib.ModelConfig]:
+  """One model config per stage, each backbone from its own section of the fixture's meta (the
+  AR baseline need not have the CALM backbone's sizes)."""
   c = meta["calm"]
-  return config_lib.ModelConfig(
+  calm = config_lib.ModelConfig(
       vocab_size=meta["vocab"], chunk_size=meta["K"], latent_dim=meta["latent"],
       autoencoder=config_lib.AutoencoderConfig(
           hidden_dim=meta["ae"]["hidden"], ffn_dim=meta["ae"]["ffn"],
           num_encoder_layers=meta["ae"]["enc_layers"], num_decoder_layers=meta["ae"]["dec_layers"],
           norm_eps=meta["ae"]["rms_eps"]),
-      backbone=config_lib.BackboneConfig(
-          hidden_dim=c["hidden"], num_layers=c["layers"], num_heads=c["heads"],
-          num_kv_heads=c["kv_heads"], ffn_dim=c["ffn"], rope_theta=c["rope_theta"],
-          norm_eps=c["rms_eps"]),
+      backbone=_backbone(c),
       head=config_lib.HeadConfig(noise_dim=c["noise"], num_blocks=c["head_blocks"],
                                  norm_eps=c["ln_eps"]))
+  ar = dataclasses.replace(calm, backbone=_backbone(meta["ar"]))
+  return {"autoencoder": calm, "calm": calm, "ar": ar}
+
+
+def test_fixture_configs_take_each_model_from_its_own_section():
+  meta = {"vocab": 64, "K": 2, "latent": 4,
+          "ae": {"hidden": 8, "ffn": 16, "enc_layers": 2, "dec_layers": 2, "rms_eps": 1e-6},
+          "calm": {"hidden": 16, "ffn": 32, "layers": 2, "heads": 2, "kv_heads": 1,
+                   "head_blocks": 1, "noise": 4, "rope_theta": 1e4, "rms_eps": 1e-6,
+                   "ln_eps": 1e-6},
+          "ar": {"hidden": 24, "ffn": 48, "layers": 3, "heads": 3, "rope_theta": 5e5,
+                 "rms_eps": 1e-5}}
+  cfgs = fixture_configs(meta)
+  b, a = cfgs["calm"].backbone, cfgs["ar"].backbone
+  assert (b.hidden_dim, b.num_layers, b.num_heads, b.num_kv_heads) == (16, 2, 2, 1)
+  assert (a.hidden_dim, a.ffn_dim, a.num_layers, a.num_heads, a.num_kv_heads) == (24, 48, 3, 3, 3)
+  assert (a.rope_theta, a.norm_eps) == (5e5, 1e-5)
+  assert cfgs["autoencoder"].autoencoder.hidden_dim == 8
+  ar = nnx.eval_shape(lambda: ARModel(cfgs["ar"], rngs=nnx.Rngs(0)))
+  assert len(ar.backbone.layers) == 3
 
 
 # ----------------------------------------------------------------------------- tests
@@ -75,14 +103,12 @@ def ref():
     pytest.skip(f"{FIXTURE} not present")
   npz = np.load(FIXTURE)
   meta = json.loads(str(npz["meta"]))
-  cfg = fixture_config(meta)
-  ar_meta = meta["ar"]
-  assert (ar_meta["hidden"], ar_meta["layers"], ar_meta["heads"]) == (
-      cfg.backbone.hidden_dim, cfg.backbone.num_layers, cfg.backbone.num_heads)
-  state = load_reference_state(npz, cfg)
-  ae = Autoencoder(cfg, rngs=nnx.Rngs(0))
+  cfgs = fixture_configs(meta)
+  cfg = cfgs["calm"]
+  state = load_reference_state(npz, cfgs)
+  ae = Autoencoder(cfgs["autoencoder"], rngs=nnx.Rngs(0))
   calm = CALM(cfg, rngs=nnx.Rngs(0))
-  ar = ARModel(cfg, rngs=nnx.Rngs(0))
+  ar = ARModel(cfgs["ar"], rngs=nnx.Rngs(0))
   assign(ae, state["autoencoder"])
   assign(calm, state["calm"])
   assign(ar, state["ar"])
