@@ -47,6 +47,28 @@ class StreamPrinter:
     print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
+def read_prompt(prompt: str | None, file: str | None) -> str:
+  """The prompt text: --prompt, else the UTF-8 contents of --file, else stdin."""
+  if prompt is not None and not file:
+    return prompt
+  if file:
+    path = pathlib.Path(file)
+    if not path.is_file():
+      raise CalmError(f"prompt file not found: {path}")
+    try:
+      data, where = path.read_bytes(), f"prompt file {path}"
+    except OSError as e:
+      raise CalmError(f"cannot read prompt file {path}: {e.strerror}") from None
+  elif hasattr(sys.stdin, "buffer"):
+    data, where = sys.stdin.buffer.read(), "the prompt on stdin"
+  else:  # a text stream without bytes underneath (e.g. replaced in-process)
+    return sys.stdin.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CalmError(f"{where} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
@@ -67,13 +89,7 @@ def main(argv=None) -> int:
   s = cfg.sampling
   if cfg.stage not in ("calm", "ar"):
     raise ConfigError(f"stage: sampling needs a calm or ar run, got {cfg.stage}")
-  if args.file:
-    path = pathlib.Path(args.file)
-    if not path.is_file():
-      raise CalmError(f"prompt file not found: {path}")
-    text = path.read_text()
-  else:
-    text = args.prompt if args.prompt is not None else sys.stdin.read()
+  text = read_prompt(args.prompt, args.file)
   r = run.load(cfg, stages_allowed=("calm", "ar"))
   tok = r.tokenizer
   prompt = tok.encode(text) or [tok.eos_id]

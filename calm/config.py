@@ -419,6 +419,7 @@ def validate(cfg: Config) -> None:
   _require(s.max_attempts >= 1, "sampling.max_attempts", "must be >= 1")
   _require(s.draws_per_step >= 0, "sampling.draws_per_step", "must be >= 0 (0 = ceil(1/T))")
   _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+  _require(s.num_samples >= 1, "sampling.num_samples", f"must be >= 1, got {s.num_samples}")
   _require(0.0 < s.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
   _require(s.top_k >= 0, "sampling.top_k", "must be >= 0")
   e = cfg.eval

@@ -169,7 +169,12 @@ def _prepare_run_dir(cfg: Config) -> pathlib.Path:
   if run_dir.exists() and not run_dir.is_dir():
     raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
   if jax.process_index() == 0:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+      run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
+      raise ConfigError(f"run_dir: a parent of {run_dir} exists and is not a directory") from None
+    except OSError as e:
+      raise ConfigError(f"run_dir: cannot create {run_dir}: {e.strerror}") from None
     paths.save_config(cfg)
   return run_dir
 

@@ -84,10 +84,32 @@ def test_evaluate_autoencoder_reconstruction(runs, tmp_path):
     (["--temperature", "0"], "sampling.temperature"),
     (["--prompt", "word " * 400], "prompt too long"),
     (["sampling.bogus=1"], "unknown config key sampling.bogus"),
+    (["--num-samples", "0"], "sampling.num_samples: must be >= 1"),
+    (["--num-samples", "-1"], "sampling.num_samples: must be >= 1"),
 ])
 def test_sample_errors(runs, extra, needle):
   assert_one_line_error(run("sample.py", "--config", f"{runs}/calm/config.yaml",
                             "--prompt", "x", *extra), needle)
+
+
+def test_sample_prompt_not_utf8(runs, tmp_path):
+  binary = tmp_path / "p.txt"
+  binary.write_bytes(bytes(range(256)) * 4)
+  assert_one_line_error(run("sample.py", "--config", f"{runs}/ar/config.yaml", "--file",
+                            str(binary)), f"prompt file {binary} is not UTF-8 text")
+  r = subprocess.run([sys.executable, "sample.py", "--config", f"{runs}/ar/config.yaml"],
+                     cwd=ROOT, capture_output=True, input=b"\xff\xfe abc", timeout=600)
+  assert r.returncode == 2 and r.stderr.decode().strip().splitlines() == [
+      "error: the prompt on stdin is not UTF-8 text (invalid byte at offset 0)"], r.stderr
+
+
+def test_run_dir_is_a_file(tmp_path):
+  f = tmp_path / "notes.txt"
+  f.write_text("not a run")
+  for run_dir in (f, f / "sub"):
+    assert_one_line_error(run("train.py", "--config", str(TINY), f"run_dir={run_dir}"),
+                          "exists and is not a directory")
+  assert f.read_text() == "not a run"
 
 
 def test_missing_and_corrupt_checkpoints(runs, tmp_path):

@@ -61,6 +61,8 @@ def test_defaults_without_file():
     ("sampling.temperature=0", "sampling.temperature"),
     ("sampling.temperature=1.5", "sampling.temperature"),
     ("sampling.temperature=.nan", "sampling.temperature"),
+    ("sampling.num_samples=0", "sampling.num_samples: must be >= 1, got 0"),
+    ("sampling.num_samples=-1", "sampling.num_samples: must be >= 1, got -1"),
     ("mesh.data=0", "mesh.data"),
     ("noequals", "must look like key.sub=value"),
 ])
