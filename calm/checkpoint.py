@@ -9,9 +9,12 @@ process (calm.data's iterator state is); it is written once, as JSON.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import pathlib
 import signal
@@ -53,8 +56,50 @@ _ADDED_KEYS = {"model.head.kind": "energy"}
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
+  text = " ".join(str(e).split(" See full TensorStore details")[0].split()) or type(e).__name__
   return f"{type(e).__name__}: {text[:limit]}"
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed, first lets the tasks still pending on it finish.
+
+  Orbax runs each read in a fresh loop and closes it as soon as the first array read fails,
+  leaving the sibling reads pending; their I/O completing into the closed loop, and their
+  garbage collection, then print `Event loop is closed` / `Exception ignored in <coroutine ...>`
+  / `Task exception was never retrieved` after the user's one-line error. The reads are awaited
+  (not cancelled: a cancelled task's I/O still completes into the loop), up to `DRAIN_S`.
+  """
+
+  DRAIN_S = 60.0
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      async def drain():
+        pending = asyncio.all_tasks(self) - {asyncio.current_task()}
+        if pending:
+          _, late = await asyncio.wait(pending, timeout=self.DRAIN_S)
+          for t in late:
+            t.cancel()
+          await asyncio.gather(*pending, return_exceptions=True)
+
+      self.run_until_complete(drain())
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _reading_arrays():
+  """Scope of an orbax read: its event loops drain their tasks before closing."""
+  old = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(old)
 
 
 def _is_prng_key(x: Any) -> bool:
@@ -423,7 +468,8 @@ class Checkpointer:
       if name not in stored:
         raise CheckpointError(f"{where}: no {name} in this checkpoint")
     try:
-      saved_meta = self._mngr.item_metadata(step)
+      with _reading_arrays():
+        saved_meta = self._mngr.item_metadata(step)
       for name, target in items.items():
         _check_leaves(saved_meta[name], target, name, where)
     except CheckpointError:
@@ -436,7 +482,8 @@ class Checkpointer:
     if want_data:
       args["data"] = ocp.args.JsonRestore()
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+      with _reading_arrays():
+        out = self._mngr.restore(step, args=ocp.args.Composite(**args))
       result_params = _from_storable(out["params"], params)
       result_opt = _from_storable(out["opt_state"], opt_state) if "opt_state" in items else (
           opt_state)
@@ -466,6 +513,25 @@ class Loaded:
     return nnx.merge(self.graphdef, self.params)
 
 
+class _DropNotice(logging.Filter):
+  """Drops orbax's warning that a read-only manager was opened read-only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+def _read_only_manager(ckpt_dir: pathlib.Path) -> ocp.CheckpointManager:
+  """A CheckpointManager that only reads (opened without orbax's warnings about it)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                         max_to_keep=None)
+  log, notice = logging.getLogger("absl"), _DropNotice()
+  log.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=_handlers())
+  finally:
+    log.removeFilter(notice)
+
+
 def load_for_inference(run_dir: str | pathlib.Path, build: Callable[[Config], nnx.Module], *,
                        step: int | None = None, mesh=None,
                        expect_stage: str | None = None) -> Loaded:
@@ -486,11 +552,11 @@ def load_for_inference(run_dir: str | pathlib.Path, build: Callable[[Config], nn
     mesh = sharding.make_mesh(config_lib.MeshConfig())
   graphdef, abstract = sharding.abstract_state(lambda: build(cfg), mesh)
   target = _abstract_storable(abstract)
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False), item_handlers=_handlers())
+  mngr = _read_only_manager(ckpt_dir)
   try:
-    _check_leaves(mngr.item_metadata(step)["params"], target, "params", where)
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    with _reading_arrays():
+      _check_leaves(mngr.item_metadata(step)["params"], target, "params", where)
+      out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     params = _from_storable(out["params"], abstract)
   except CalmError:
     raise

@@ -204,6 +204,79 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(saved, trained, how):
   ck.close()
 
 
+def test_read_loops_let_sibling_reads_finish(caplog):
+  """Orbax's pattern (a fresh loop per read, closed right after the first failure) leaves
+  sibling reads pending; inside `_reading_arrays` they finish before the loop closes, so nothing
+  completes into a closed loop or is destroyed pending (the noise after a corrupt-checkpoint
+  error)."""
+  import asyncio
+  import concurrent.futures
+  import gc
+  import sys
+  import threading
+
+  unraisable, finished = [], []
+  pool = concurrent.futures.ThreadPoolExecutor(2)
+
+  async def read(i):  # I/O completed by another thread, like a TensorStore read
+    await asyncio.wrap_future(pool.submit(threading.Event().wait, 0.3))
+    finished.append(i)
+
+  async def fail():
+    raise ValueError("corrupt")
+
+  async def restore():
+    await asyncio.gather(fail(), read(1), read(2))
+
+  hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+  try:
+    with caplog.at_level("DEBUG"), checkpoint._reading_arrays():
+      loop = asyncio.new_event_loop()
+      try:
+        with pytest.raises(ValueError):
+          loop.run_until_complete(restore())
+      finally:
+        loop.close()
+    assert type(asyncio.new_event_loop()) is not checkpoint._DrainingLoop  # policy restored
+    pool.shutdown(wait=True)
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+  assert sorted(finished) == [1, 2]
+  assert not unraisable and not [r for r in caplog.records if r.levelname != "DEBUG"], (
+      unraisable, caplog.text)
+
+
+def test_corrupt_checkpoint_one_stderr_line_every_time(tmp_path, mesh8):
+  """sample.py on a run whose array files are truncated: exactly the one-line error on stderr,
+  in each of 10 runs (the noise used to come in some runs only)."""
+  import subprocess
+  import sys
+
+  from calm import stages
+  from conftest import subprocess_env
+
+  cfg = config.replace(_cfg(tmp_path), stage="ar")
+  _, state = sharding.sharded_init(
+      lambda: stages.get_stage(cfg).build(cfg.model, nnx.Rngs(0)), mesh8)
+  with checkpoint.Checkpointer(cfg.run_dir, CheckpointConfig(async_save=False),
+                               metadata={"config": cfg}) as ck:
+    ck.save(1, params=state)
+  config.dump(cfg, pathlib.Path(cfg.run_dir) / "config.yaml")
+  files = list((pathlib.Path(cfg.run_dir) / "checkpoints" / "1" / "params").glob("*/d/*"))
+  assert files
+  for f in files:
+    os.truncate(f, 10)
+  cmd = [sys.executable, "sample.py", "--config", f"{cfg.run_dir}/config.yaml", "--prompt", "x"]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for _ in range(10)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: ") and "corrupt or unreadable" in lines[0], lines
+
+
 def test_corrupt_metadata_is_a_checkpoint_error(saved, trained):
   cfg, _ = saved
   (pathlib.Path(cfg.run_dir) / "checkpoints" / "10" / "metadata" / "metadata").write_text("{x")
