@@ -6,7 +6,6 @@ to the next n tokens as one outcome; BrierLM = 100 · (Brier-1 · Brier-2 · Bri
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -94,7 +93,9 @@ def summarize(brier_P4: Any, doc_ids_P: Any, *, num_bootstrap: int = 1000,
 
   Returns:
     dict with brier (4 means), brier_se (4), brierlm, brierlm_se, brierlm_ci95 (lo, hi),
-    positions, documents.
+    positions, documents. Where BrierLM is 0 (a Brier-n mean <= 0) its standard error is the
+    bootstrap's; brierlm_se / brierlm_ci95 are None where no estimate exists (BrierLM 0 from a
+    single document).
   """
   b_P4 = np.asarray(brier_P4, np.float64).reshape(-1, NGRAMS)
   docs = np.asarray(doc_ids_P).reshape(-1)
@@ -116,28 +117,28 @@ def summarize(brier_P4: Any, doc_ids_P: Any, *, num_bootstrap: int = 1000,
     cov_44 = dev.T @ dev / max(len(b_P4) - 1, 1) / len(b_P4)
   se_4 = np.sqrt(np.maximum(np.diag(cov_44), 0.0))
   score = brierlm(mean_4)
-  # Delta method: d BrierLM / d b_n = BrierLM / (4 b_n) where all b_n > 0.
-  if score > 0:
-    grad_4 = score / (NGRAMS * mean_4)
-    score_se = float(np.sqrt(max(grad_4 @ cov_44 @ grad_4, 0.0)))
-  else:
-    score_se = float("nan")
-  rng = np.random.default_rng(seed)
+  boot_R = None
   if D > 1 and num_bootstrap > 0:
+    rng = np.random.default_rng(seed)
     w_RD = rng.multinomial(D, np.full(D, 1.0 / D), size=num_bootstrap).astype(np.float64)
     boot_R4 = (w_RD @ sums_D4) / np.maximum(w_RD @ counts_D, 1.0)[:, None]
     boot_R = 100.0 * np.prod(np.maximum(boot_R4, 0.0), axis=1) ** (1.0 / NGRAMS)
-    lo, hi = np.percentile(boot_R, [2.5, 97.5])
-  elif math.isfinite(score_se):
-    lo, hi = score - 1.96 * score_se, score + 1.96 * score_se
-  else:
-    lo = hi = float("nan")
+  score_se = ci = None
+  if score > 0:  # delta method: d BrierLM / d b_n = BrierLM / (4 b_n) where all b_n > 0
+    grad_4 = score / (NGRAMS * mean_4)
+    score_se = float(np.sqrt(max(grad_4 @ cov_44 @ grad_4, 0.0)))
+  elif boot_R is not None:  # BrierLM = 0 (some Brier-n <= 0) has no derivative
+    score_se = float(np.std(boot_R, ddof=1))
+  if boot_R is not None:
+    ci = [float(v) for v in np.percentile(boot_R, [2.5, 97.5])]
+  elif score_se is not None:
+    ci = [score - 1.96 * score_se, score + 1.96 * score_se]
   return {
       "brier": [float(v) for v in mean_4],
       "brier_se": [float(v) for v in se_4],
       "brierlm": score,
       "brierlm_se": score_se,
-      "brierlm_ci95": [float(lo), float(hi)],
+      "brierlm_ci95": ci,
       "positions": int(total),
       "documents": D,
   }

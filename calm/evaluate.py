@@ -215,9 +215,10 @@ def format_table(summary: dict) -> str:
   rows = [f"{'metric':<10} {'value':>9} {'stderr':>9}"]
   for n in range(NGRAMS):
     rows.append(f"Brier-{n + 1:<4} {summary['brier'][n]:>9.4f} {summary['brier_se'][n]:>9.4f}")
-  lo, hi = summary["brierlm_ci95"]
-  rows.append(f"{'BrierLM':<10} {summary['brierlm']:>9.3f} {summary['brierlm_se']:>9.3f}"
-              f"   95% CI [{lo:.3f}, {hi:.3f}]")
+  se, ci = summary["brierlm_se"], summary["brierlm_ci95"]
+  rows.append(f"{'BrierLM':<10} {summary['brierlm']:>9.3f} "
+              + (f"{se:>9.3f}" if se is not None else f"{'-':>9}")
+              + (f"   95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else ""))
   return "\n".join(rows)
 
 

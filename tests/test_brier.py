@@ -150,6 +150,30 @@ def test_summarize_cluster_standard_error():
   assert 0.5 < (hi - lo) / (2 * 1.96 * s["brierlm_se"]) < 2.0
 
 
+def test_summarize_zero_brierlm_has_no_nan():
+  """BrierLM = 0 (Brier-4 <= 0, as for an untrained model): its SE is the bootstrap's (the
+  delta method needs all Brier-n > 0), or absent with one document; never NaN."""
+  from calm import evaluate
+
+  rng = np.random.default_rng(0)
+  D, per = 12, 6
+  est = rng.normal([0.3, 0.1, 0.02, -0.05], 0.05, size=(D * per, 4))
+  docs = np.repeat(np.arange(D), per)
+  s = brier.summarize(est, docs, num_bootstrap=500, seed=2)
+  assert s["brierlm"] == 0.0
+  w = np.random.default_rng(2).multinomial(D, np.full(D, 1 / D), size=500).astype(float)
+  sums = est.reshape(D, per, 4).sum(1)
+  boot = 100 * np.prod(np.maximum(w @ sums / (w.sum(1, keepdims=True) * per), 0), 1) ** 0.25
+  np.testing.assert_allclose(s["brierlm_se"], boot.std(ddof=1), rtol=1e-9)
+  assert s["brierlm_ci95"][0] == 0.0 and s["brierlm_ci95"][1] >= 0.0
+  one = brier.summarize(est, np.zeros(len(est), int))
+  assert one["brierlm_se"] is None and one["brierlm_ci95"] is None
+  for summary in (s, one):
+    table = evaluate.format_table(summary)
+    assert "nan" not in table.lower() and "BrierLM" in table
+  assert evaluate.format_table(one).splitlines()[-1].split()[1:] == ["0.000", "-"]
+
+
 def test_fixture_parity_calm_brier():
   """Brier-1..4 of the reference from two head samples decoded by the AE (argmax)."""
   import json
