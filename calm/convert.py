@@ -227,10 +227,18 @@ def to_params(weights: Mapping[str, np.ndarray], stage: str, model_cfg: ModelCon
 
 def from_params(flat: Mapping[str, np.ndarray], stage: str,
                 model_cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """{our parameter path: array} → reference state_dict (torch layouts, float32)."""
+  """{our parameter path: array} → reference state_dict (torch layouts, float32).
+
+  The autoencoder's tied embedding is written under both of its reference names
+  (`encoder.embed_tokens.weight`, `decoder.lm_head_weight`), as the reference's own state_dict
+  holds it: its loader fills each parameter by name only.
+  """
   names = expand(table(stage, model_cfg), {k: np.shape(v) for k, v in flat.items()})
-  return {n: np.ascontiguousarray(_to_ref(kind, np.asarray(flat[path], np.float32)))
-          for n, (path, kind) in names.items()}
+  out = {n: np.ascontiguousarray(_to_ref(kind, np.asarray(flat[path], np.float32)))
+         for n, (path, kind) in names.items()}
+  if stage == "autoencoder":
+    out["decoder.lm_head_weight"] = out["encoder.embed_tokens.weight"].copy()
+  return out
 
 
 # ----------------------------------------------------------------------------- state_dict aliases

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from calm import checkpoint, config as config_lib, convert, paths, run
 from calm.errors import CalmError, cli
+from calm.models.autoencoder import Autoencoder
 from calm.stages import get_stage
 
 from conftest import ROOT, SHARED
@@ -130,6 +131,49 @@ def test_fixture_converted_runs_are_usable(converted):
   assert yaml_cfg.run_dir == str(runs["calm"])
 
 
+def _load_by_reference_rules(path: pathlib.Path, expected: dict[str, tuple[int, ...]]
+                             ) -> dict[str, np.ndarray]:
+  """A safetensors file read the way the reference's `from_pretrained` fills a model: each
+  parameter by its exact name and shape, no tying or aliasing (a missing one would stay
+  uninitialised there, so it fails here)."""
+  from safetensors import safe_open
+
+  with safe_open(str(path), "numpy") as f:
+    stored = {k: f.get_tensor(k) for k in f.keys()}
+  missing = sorted(set(expected) - set(stored))
+  assert not missing, f"parameters the reference would leave uninitialised: {missing}"
+  assert set(stored) == set(expected), sorted(set(stored) - set(expected))
+  for k, shape in expected.items():
+    assert stored[k].shape == shape, (k, stored[k].shape, shape)
+  return stored
+
+
+def test_exported_autoencoder_loads_by_the_reference_rules(tmp_path):
+  """Fixture AE → our run → export → read back by exact reference names (the fixture's own
+  state_dict names) → the reference decoder (logits against `decoder.lm_head_weight`) gives the
+  logits of the run before export, and the fixture's."""
+  from test_parity import assign
+
+  ae_src, _, _, data = _fixture_sources(tmp_path)
+  z = np.load(FIXTURE)
+  expected = {k[len("w/ae_model."):]: z[k].shape for k in z.files if k.startswith("w/ae_model.")}
+  assert "decoder.lm_head_weight" in expected and "encoder.embed_tokens.weight" in expected
+  run = convert.convert(tmp_path / "run", ae=ae_src)["autoencoder"]
+  loaded = checkpoint.load_for_inference(run, expect_stage="autoencoder")
+  mu = jnp.asarray(data["out/ae_encoder"][..., :loaded.config.model.latent_dim])
+  before = np.asarray(loaded.model.decode(mu))
+
+  ref = convert.export_reference(run, tmp_path / "export", "safetensors")
+  state = _load_by_reference_rules(ref / "model.safetensors", expected)
+  body = {k: v for k, v in state.items() if k != "decoder.lm_head_weight"}
+  ae = Autoencoder(loaded.config.model, rngs=nnx.Rngs(0))
+  assign(ae, convert.to_params(body, "autoencoder", loaded.config.model))
+  after = np.einsum("bskd,vd->bskv", np.asarray(ae.decode_hidden(mu), np.float64),
+                    state["decoder.lm_head_weight"].astype(np.float64))
+  _close(after, before)
+  _close(after.reshape(after.shape[0], -1, after.shape[-1]), data["out/ae_decoder_logits"])
+
+
 # ----------------------------------------------------------------------------- round trips
 
 VARIANTS = {
@@ -218,6 +262,8 @@ def test_round_trip(tmp_path, variant, fmt):
   refs = {s: convert.export_reference(tmp_path / d, tmp_path / f"ref_{d}", fmt)
           for s, d in (("autoencoder", "ae"), ("calm", "calm"), ("ar", "ar"))}
   assert (refs["ar"] / f"model.{fmt}").is_file()
+  # the reference's training / evaluation script accepts only energy, diffusion and flow
+  assert json.loads((refs["calm"] / "config.json").read_text())["model_type"] == "energy"
   if base.model.tie_ar_embeddings:  # HF drops the tied lm_head
     assert "lm_head.weight" not in convert.read_weights(refs["ar"])
   runs = convert.convert(tmp_path / "out", ae=refs["autoencoder"], calm=refs["calm"],
