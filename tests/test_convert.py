@@ -158,12 +158,12 @@ def test_exported_autoencoder_loads_by_the_reference_rules(tmp_path):
   z = np.load(FIXTURE)
   expected = {k[len("w/ae_model."):]: z[k].shape for k in z.files if k.startswith("w/ae_model.")}
   assert "decoder.lm_head_weight" in expected and "encoder.embed_tokens.weight" in expected
-  run = convert.convert(tmp_path / "run", ae=ae_src)["autoencoder"]
-  loaded = checkpoint.load_for_inference(run, expect_stage="autoencoder")
+  ae_run = convert.convert(tmp_path / "run", ae=ae_src)["autoencoder"]
+  loaded = run.load_model(ae_run, expect_stage="autoencoder")
   mu = jnp.asarray(data["out/ae_encoder"][..., :loaded.config.model.latent_dim])
   before = np.asarray(loaded.model.decode(mu))
 
-  ref = convert.export_reference(run, tmp_path / "export", "safetensors")
+  ref = convert.export_reference(ae_run, tmp_path / "export", "safetensors")
   state = _load_by_reference_rules(ref / "model.safetensors", expected)
   body = {k: v for k, v in state.items() if k != "decoder.lm_head_weight"}
   ae = Autoencoder(loaded.config.model, rngs=nnx.Rngs(0))
