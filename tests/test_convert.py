@@ -456,7 +456,7 @@ def test_config_fields(tmp_path):
           f["model.autoencoder.token_dropout"], f["model.autoencoder.latent_dropout"]) == (
               3, 3, 0.1, 0.1)
   with pytest.raises(CalmError, match="invalid model: model.backbone.num_heads"):
-    convert._prepare("ar", tmp_path, tmp_path / "x", convert.config_fields(
+    convert.runs._prepare("ar", tmp_path, tmp_path / "x", convert.config_fields(
         {**llama, "num_attention_heads": 5, "head_dim": None}, "ar"), {})
 
 
