@@ -79,3 +79,22 @@ def test_module_imports_alone_without_its_upper_layers(module, absent):
                      env=subprocess_env())
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == "", f"{module} imported {r.stdout.strip()}"
+
+
+def test_console_scripts_point_at_callables():
+  import importlib
+  import tomllib
+
+  scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+  assert {"calm-train", "calm-sample", "calm-eval", "calm-convert"} <= set(scripts)
+  for name, target in scripts.items():
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_console_script_reports_a_user_mistake_in_one_line(tmp_path):
+  code = ("import sys; from calm.cli import train; "
+          "sys.argv = ['calm-train', '--config', 'nope.yaml']; sys.exit(train())")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env=subprocess_env(), cwd=tmp_path)
+  assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"
