@@ -16,4 +16,7 @@ letter means one thing everywhere:
   R  draws per iteration of the exact temperature sampler
   X  micro-batches of a gradient-accumulated step
   1  a size-one axis kept for broadcasting
+
+A letter used inside one function only (e.g. the sampler's vocabulary blocks) is defined in that
+function's docstring.
 """

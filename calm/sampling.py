@@ -119,28 +119,28 @@ def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B,
   h_BSD, cache = calm.hidden(prompt_BSK, cache=cache)
   cache = KVCache(cache.k, cache.v, chunks_B)
   h_BD = h_BSD[jnp.arange(B), chunks_B - 1]
-  out_BMK = jnp.full((B, max_chunks, K), pad_id, jnp.int32)
+  out_BJK = jnp.full((B, max_chunks, K), pad_id, jnp.int32)
 
   def cond(c):
     i, _, _, _, done_B, _ = c
     return (i < max_chunks) & ~jnp.all(done_B)
 
   def body(c):
-    i, h_BD, cache, out_BMK, done_B, draws_BM = c
+    i, h_BD, cache, out_BJK, done_B, draws_BJ = c
     chunk_BK, draws_B = next_chunk(calm, ae, h_BD, jax.random.fold_in(key, i), sampler)
     chunk_BK = jnp.where(done_B[:, None], pad_id, chunk_BK)
-    out_BMK = out_BMK.at[:, i].set(chunk_BK)
-    draws_BM = draws_BM.at[:, i].set(jnp.where(done_B, 0, draws_B))
+    out_BJK = out_BJK.at[:, i].set(chunk_BK)
+    draws_BJ = draws_BJ.at[:, i].set(jnp.where(done_B, 0, draws_B))
     if stream:  # hand each new chunk to the host as it is produced
       jax.debug.callback(_Stream.emit, chunk_BK, ordered=True)
     done_B = done_B | jnp.any(chunk_BK == eos_id, axis=-1)
     h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=cache)
-    return i + 1, h_B1D[:, 0], cache, out_BMK, done_B, draws_BM
+    return i + 1, h_B1D[:, 0], cache, out_BJK, done_B, draws_BJ
 
-  init = (jnp.int32(0), h_BD, cache, out_BMK, jnp.zeros((B,), bool),
+  init = (jnp.int32(0), h_BD, cache, out_BJK, jnp.zeros((B,), bool),
           jnp.zeros((B, max_chunks), jnp.int32))
-  _, _, _, out_BMK, _, draws_BM = jax.lax.while_loop(cond, body, init)
-  return out_BMK, draws_BM
+  _, _, _, out_BJK, _, draws_BJ = jax.lax.while_loop(cond, body, init)
+  return out_BJK, draws_BJ
 
 
 def _trim(ids: np.ndarray, eos_id: int) -> list[int]:
@@ -167,12 +167,12 @@ def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
   calm_def, calm_state = nnx.split(calm)
   ae_def, ae_state = nnx.split(ae)
   with _Stream.to(on_tokens):
-    out_BMK, draws_BM = _calm_generate(
+    out_BJK, draws_BJ = _calm_generate(
         calm_def, calm_state, ae_def, ae_state, prompt_BSK, jnp.asarray(lens // K), key,
         max_chunks=max_chunks, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
         stream=on_tokens is not None)
-    out = np.asarray(out_BMK).reshape(len(prompts), -1)
-    draws = np.asarray(draws_BM)
+    out = np.asarray(out_BJK).reshape(len(prompts), -1)
+    draws = np.asarray(draws_BJ)
   used = draws != 0
   stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
            "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
@@ -201,15 +201,16 @@ def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
   block. Two uniforms per row instead of `jax.random.categorical`'s Gumbel noise on every entry
   (about 5× cheaper on a CPU at V = 32000); cumulative sums over at most V/256 and 256 terms
   keep float32 rounding around 1e-6 of a block's mass, not of the whole distribution's.
+  (O: blocks, I: entries within a block.)
   """
   B, V = logits_BV.shape
   nb = -(-V // _ICDF_BLOCK)
   logits = logits_BV.astype(jnp.float32)
   p_BV = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  p_BNI = jnp.pad(p_BV, ((0, 0), (0, nb * _ICDF_BLOCK - V))).reshape(B, nb, _ICDF_BLOCK)
+  p_BOI = jnp.pad(p_BV, ((0, 0), (0, nb * _ICDF_BLOCK - V))).reshape(B, nb, _ICDF_BLOCK)
   u_B2 = jax.random.uniform(key, (B, 2))
-  block_B = _inverse_cdf(p_BNI.sum(axis=-1), u_B2[:, 0])
-  inner_BI = jnp.take_along_axis(p_BNI, block_B[:, None, None], axis=1)[:, 0]
+  block_B = _inverse_cdf(p_BOI.sum(axis=-1), u_B2[:, 0])
+  inner_BI = jnp.take_along_axis(p_BOI, block_B[:, None, None], axis=1)[:, 0]
   return block_B * _ICDF_BLOCK + _inverse_cdf(inner_BI, u_B2[:, 1])
 
 
@@ -245,24 +246,24 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, key, temperature, top_p, *
   logits_BTV, cache = model(prompt_BT, cache=cache)
   cache = KVCache(cache.k, cache.v, lens_B)
   logits_BV = logits_BTV[jnp.arange(B), lens_B - 1]
-  out_BM = jnp.full((B, max_new), pad_id, jnp.int32)
+  out_BJ = jnp.full((B, max_new), pad_id, jnp.int32)
 
   def cond(c):
     return (c[0] < max_new) & ~jnp.all(c[4])
 
   def body(c):
-    i, logits_BV, cache, out_BM, done_B = c
+    i, logits_BV, cache, out_BJ, done_B = c
     tok_B = sample_logits(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p,
                           nucleus)
     tok_B = jnp.where(done_B, pad_id, tok_B)
-    out_BM = out_BM.at[:, i].set(tok_B)
+    out_BJ = out_BJ.at[:, i].set(tok_B)
     if stream:
       jax.debug.callback(_Stream.emit, tok_B[:, None], ordered=True)
     done_B = done_B | (tok_B == eos_id)
     logits_B1V, cache = model(tok_B[:, None], cache=cache)
-    return i + 1, logits_B1V[:, 0], cache, out_BM, done_B
+    return i + 1, logits_B1V[:, 0], cache, out_BJ, done_B
 
-  init = (jnp.int32(0), logits_BV, cache, out_BM, jnp.zeros((B,), bool))
+  init = (jnp.int32(0), logits_BV, cache, out_BJ, jnp.zeros((B,), bool))
   return jax.lax.while_loop(cond, body, init)[3]
 
 
