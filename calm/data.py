@@ -1,26 +1,31 @@
 """Text sources → documents → one EOS-separated token stream → blocks → Grain batches.
 
 Sources: `.txt` (documents split on `data.separator`), `.jsonl`/`.json` (JSON Lines with a
-`data.text_field`), a directory (its top-level files of those types) or a glob of such files,
-and `tfds:NAME[:SPLIT]` (ArrayRecord via `tfds.data_source`, no TensorFlow needed).
+`data.text_field`; also `.gz`, and `.zst` when zstandard is installed), a directory (its
+top-level files of those types) or a glob of such files, `tfds:NAME[:SPLIT]` (ArrayRecord via
+`tfds.data_source`, no TensorFlow needed), and `prepared:DIR` token shards (`calm.prepare`).
+Documents are streamed (`iter_documents`); small sources are tokenised into the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import gzip
 import hashlib
+import io
 import itertools
 import json
 import logging
 import os
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator
 
 import grain
 import numpy as np
 
+from calm import shards
 from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer
 
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
 _ENCODE_CHUNK = 2048  # documents per encode_batch call
 
 
@@ -41,6 +47,18 @@ _ENCODE_CHUNK = 2048  # documents per encode_batch call
 
 def _is_tfds(spec: str, data_cfg: DataConfig) -> bool:
   return spec.startswith("tfds:") or data_cfg.format == "tfds"
+
+
+def base_suffix(path: pathlib.Path) -> str:
+  """The format suffix of a possibly compressed file: `a.jsonl.gz` → `.jsonl`."""
+  suffixes = [s.lower() for s in path.suffixes]
+  if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+    suffixes.pop()
+  return suffixes[-1] if suffixes else ""
+
+
+def is_compressed(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in COMPRESSED_SUFFIXES
 
 
 def resolve_files(spec: str, data_cfg: DataConfig) -> list[pathlib.Path]:
@@ -59,7 +77,7 @@ def resolve_files(spec: str, data_cfg: DataConfig) -> list[pathlib.Path]:
   if p.is_dir():
     files = sorted(f for f in p.iterdir()
                    if f.is_file() and not f.name.startswith(".")
-                   and (data_cfg.format != "auto" or f.suffix.lower() in suffixes))
+                   and (data_cfg.format != "auto" or base_suffix(f) in suffixes))
     if not files:
       subdirs = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
       hint = f" (subdirectories: {', '.join(subdirs)})" if subdirs else ""
@@ -72,21 +90,50 @@ def resolve_files(spec: str, data_cfg: DataConfig) -> list[pathlib.Path]:
   raise DataError(f"data source not found: {p}")
 
 
-def _read_text(path: pathlib.Path) -> str:
+@contextlib.contextmanager
+def _open_binary(path: pathlib.Path) -> Iterator[BinaryIO]:
+  """A binary reader of the file's (decompressed) bytes; one-line DataErrors."""
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    if path.stat().st_size == 0:
+      raise DataError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+      f = gzip.open(path, "rb")
+    elif suffix == ".zst":
+      try:
+        import zstandard
+      except ImportError:
+        raise DataError(f"{path}: reading .zst needs the zstandard package "
+                        "(or decompress the file first)") from None
+      f = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+      f = io.BufferedReader(f)
+    else:
+      f = open(path, "rb")
   except PermissionError:
     raise DataError(f"{path}: permission denied") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+  try:
+    with f:
+      yield f
+  except (OSError, EOFError) as e:  # truncated or corrupt compressed data
+    raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _decode(raw: bytes, path: pathlib.Path, offset: int = 0) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not valid UTF-8 at byte offset {offset + e.start} "
+                    f"(byte 0x{raw[e.start]:02x})") from None
+
+
+def _read_text(path: pathlib.Path) -> str:
+  with _open_binary(path) as f:
+    raw = f.read()
   if not raw:
     raise DataError(f"{path}: empty file")
-  try:
-    return raw.decode("utf-8").removeprefix("\ufeff")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: not valid UTF-8 at byte offset {e.start} "
-                    f"(byte 0x{raw[e.start]:02x})") from None
+  return _decode(raw, path).removeprefix("\ufeff")
 
 
 def _txt_documents(path: pathlib.Path, text: str, separator: str) -> list[str]:
@@ -95,53 +142,100 @@ def _txt_documents(path: pathlib.Path, text: str, separator: str) -> list[str]:
   return [d.strip("\r\n") for d in text.split(separator) if d.strip()]
 
 
-def _json_documents(path: pathlib.Path, text: str, field: str) -> list[str]:
-  def take(rec: Any, where: str) -> str | None:
-    if not isinstance(rec, dict):
-      raise DataError(f"{where}: expected a JSON object with a '{field}' field, "
-                      f"got {type(rec).__name__}")
-    if field not in rec:
-      keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-      raise DataError(f"{where}: no '{field}' field (keys: {keys}); set data.text_field")
-    v = rec[field]
-    if not isinstance(v, str):
-      raise DataError(f"{where}: field '{field}' is {type(v).__name__}, not a string")
-    return v if v.strip() else None
-
-  stripped = text.lstrip()
-  if stripped.startswith("["):  # a whole-file JSON array of records
-    try:
-      recs = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    docs = [take(r, f"{path}: record {i}") for i, r in enumerate(recs)]
-    return [d for d in docs if d is not None]
-  docs = []
-  for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is valid JSON
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    d = take(rec, f"{path}:{lineno}")
-    if d is not None:
-      docs.append(d)
-  return docs
+def _json_text(rec: Any, where: str, field: str) -> str | None:
+  """The record's text field; None when blank."""
+  if not isinstance(rec, dict):
+    raise DataError(f"{where}: expected a JSON object with a '{field}' field, "
+                    f"got {type(rec).__name__}")
+  if field not in rec:
+    keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+    raise DataError(f"{where}: no '{field}' field (keys: {keys}); set data.text_field")
+  v = rec[field]
+  if not isinstance(v, str):
+    raise DataError(f"{where}: field '{field}' is {type(v).__name__}, not a string")
+  return v if v.strip() else None
 
 
-def _file_documents(path: pathlib.Path, data_cfg: DataConfig) -> list[str]:
-  fmt = data_cfg.format
-  if fmt == "auto":
-    fmt = "jsonl" if path.suffix.lower() in JSON_SUFFIXES else "txt"
+def is_json_array(path: pathlib.Path) -> bool:
+  """Whether a JSON file holds one array of records (read whole) rather than JSON Lines."""
+  with _open_binary(path) as f:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+  return head.startswith(b"[")
+
+
+def _json_array_documents(path: pathlib.Path, field: str) -> Iterator[str]:
   text = _read_text(path)
-  if fmt == "jsonl":
-    docs = _json_documents(path, text, data_cfg.text_field)
+  try:
+    recs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+  for i, r in enumerate(recs):
+    d = _json_text(r, f"{path}: record {i}", field)
+    if d is not None:
+      yield d
+
+
+def _jsonl_documents(path: pathlib.Path, field: str, start: int, end: int | None
+                     ) -> Iterator[str]:
+  """Documents of the lines that start in byte range [start, end) (all lines by default)."""
+  with _open_binary(path) as f:
+    pos = 0
+    if start > 0:  # begin at the first line that starts at or after `start`
+      f.seek(start - 1)
+      pos = start if f.read(1) == b"\n" else start + len(f.readline())
+      f.seek(pos)
+    lineno = 0 if start == 0 else None  # line numbers are known only from the file's start
+    for raw in f:
+      if end is not None and pos >= end:
+        break
+      line_start, pos = pos, pos + len(raw)
+      if lineno is not None:
+        lineno += 1
+      where = f"{path}:{lineno}" if lineno is not None else f"{path}: line at byte {line_start}"
+      if line_start == 0:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+      if not raw.strip():
+        continue
+      # decode first: json.loads(bytes) would guess an encoding; lines split only on "\n"
+      line = _decode(raw, path, line_start)
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      d = _json_text(rec, where, field)
+      if d is not None:
+        yield d
+
+
+def file_format(path: pathlib.Path, data_cfg: DataConfig) -> str:
+  """"jsonl" or "txt" for a file of the source."""
+  if data_cfg.format != "auto":
+    return data_cfg.format
+  return "jsonl" if base_suffix(path) in JSON_SUFFIXES else "txt"
+
+
+def iter_file_documents(path: pathlib.Path, data_cfg: DataConfig, start: int = 0,
+                        end: int | None = None) -> Iterator[str]:
+  """A file's documents in order, streamed (JSON Lines) or per file (text, JSON arrays).
+
+  [start, end) selects the JSON Lines documents whose line starts in that byte range of an
+  uncompressed file, so consecutive ranges partition the file's documents.
+  """
+  whole = start == 0 and end is None
+  n = 0
+  if file_format(path, data_cfg) == "jsonl" and not is_json_array(path):
+    docs: Iterable[str] = _jsonl_documents(path, data_cfg.text_field, start, end)
+  elif not whole:
+    raise ValueError(f"{path}: only uncompressed JSON Lines files can be read by byte range")
+  elif file_format(path, data_cfg) == "jsonl":
+    docs = _json_array_documents(path, data_cfg.text_field)
   else:
-    docs = _txt_documents(path, text, data_cfg.separator)
-  if not docs:
+    docs = _txt_documents(path, _read_text(path), data_cfg.separator)
+  for d in docs:
+    n += 1
+    yield d
+  if whole and n == 0:
     raise DataError(f"{path}: no documents (only blank text)")
-  return docs
 
 
 _TFDS_SPEC = re.compile(r"(?P<name>[^:]+(?::\d+(?:\.\d+)*)?)(?::(?P<split>.+))?")
@@ -156,7 +250,8 @@ def _parse_tfds(spec: str) -> tuple[str, str]:
   return m["name"], m["split"] or "train"
 
 
-def _tfds_documents(spec: str, data_cfg: DataConfig) -> list[str]:
+def tfds_source(spec: str, data_cfg: DataConfig) -> tuple[Any, str]:
+  """(random-access TFDS data source, its display name)."""
   name, split = _parse_tfds(spec)
   where = f"tfds:{name}:{split}"
   try:
@@ -169,11 +264,17 @@ def _tfds_documents(spec: str, data_cfg: DataConfig) -> list[str]:
   except Exception as e:  # tfds raises many unrelated types for "not found"
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise DataError(f"{where}: cannot open ({msg[:200]})") from None
+  return src, where
+
+
+def iter_tfds_documents(spec: str, data_cfg: DataConfig, start: int = 0,
+                        end: int | None = None) -> Iterator[str]:
+  """Documents of records [start, end) of a TFDS split, in record order."""
+  src, where = tfds_source(spec, data_cfg)
   field = data_cfg.text_field
-  docs: list[str] = []
-  n = len(src)
-  for start in range(0, n, 1024):
-    idx = list(range(start, min(n, start + 1024)))
+  end = len(src) if end is None else min(end, len(src))
+  for lo in range(start, end, 1024):
+    idx = list(range(lo, min(end, lo + 1024)))
     recs = src.__getitems__(idx) if hasattr(src, "__getitems__") else [src[i] for i in idx]
     for i, rec in zip(idx, recs):
       if not isinstance(rec, dict) or field not in rec:
@@ -193,48 +294,69 @@ def _tfds_documents(spec: str, data_cfg: DataConfig) -> list[str]:
         raise DataError(f"{where}: record {i} feature '{field}' is {type(v).__name__}, "
                         "not text")
       if v.strip():
-        docs.append(v)
-  if not docs:
-    raise DataError(f"{where}: no documents")
-  return docs
+        yield v
+
+
+def iter_documents(spec: str, data_cfg: DataConfig) -> Iterator[str]:
+  """All documents of a source in a deterministic order, streamed; DataError on bad input."""
+  if _is_tfds(spec, data_cfg):
+    n = 0
+    for d in iter_tfds_documents(spec, data_cfg):
+      n += 1
+      yield d
+    if n == 0:
+      raise DataError(f"{spec}: no documents")
+    return
+  for f in resolve_files(spec, data_cfg):
+    yield from iter_file_documents(f, data_cfg)
 
 
 def read_documents(spec: str, data_cfg: DataConfig) -> list[str]:
-  """All documents of a source, in a deterministic order; DataError on any bad input."""
-  if _is_tfds(spec, data_cfg):
-    return _tfds_documents(spec, data_cfg)
-  docs: list[str] = []
-  for f in resolve_files(spec, data_cfg):
-    docs.extend(_file_documents(f, data_cfg))
-  return docs
+  """All documents of a source as a list (small sources; see `iter_documents`)."""
+  if shards.prepared_dir(spec) is not None:
+    raise DataError(f"{spec}: a prepared token directory holds no text")
+  return list(iter_documents(spec, data_cfg))
 
 
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def encode_documents(docs: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(docs: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(flat int32 ids with EOS after every document, per-document lengths including EOS)."""
-  if not docs:
-    return np.zeros((0,), np.int32), np.zeros((0,), np.int64)
   flats, lens = [], []
-  for i in range(0, len(docs), _ENCODE_CHUNK):
-    ids = tokenizer.encode_batch(docs[i:i + _ENCODE_CHUNK])
-    n = np.fromiter(map(len, ids), np.int64, len(ids))
-    flats.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(n.sum())))
+  for ids, n in encode_stream(docs, tokenizer, np.int32):
+    flats.append(ids)
     lens.append(n)
-  flat, lengths = np.concatenate(flats), np.concatenate(lens) + 1
-  ends = np.cumsum(lengths)
-  out = np.full(int(ends[-1]), tokenizer.eos_id, np.int32)
-  keep = np.ones(out.shape[0], bool)
-  keep[ends - 1] = False
-  out[keep] = flat
-  return out, lengths
+  if not flats:
+    return np.zeros((0,), np.int32), np.zeros((0,), np.int64)
+  return np.concatenate(flats), np.concatenate(lens)
+
+
+def encode_stream(docs: Iterable[str], tokenizer: Tokenizer, dtype: Any = np.int32,
+                  chunk: int = _ENCODE_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Encodes documents in chunks → (flat ids with EOS after each document, lengths incl. EOS)."""
+  it = iter(docs)
+  while batch := list(itertools.islice(it, chunk)):
+    ids = tokenizer.encode_batch(batch)
+    n = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
+    eos = (tokenizer.eos_id,)
+    out = np.fromiter(itertools.chain.from_iterable(x for i in ids for x in (i, eos)), dtype,
+                      int(n.sum()))
+    yield out, n
 
 
 def tokenized_documents(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> list[np.ndarray]:
   """Each document's ids followed by EOS (int32), in source order."""
-  flat, lengths = encode_documents(read_documents(spec, data_cfg), tokenizer)
+  if shards.prepared_dir(spec) is not None:
+    flat = open_prepared(spec, tokenizer).stream()
+    return np.split(flat, np.flatnonzero(flat == tokenizer.eos_id)[:-1] + 1)
+  flat, lengths = encode_documents(iter_documents(spec, data_cfg), tokenizer)
   return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def open_prepared(spec: str, tokenizer: Tokenizer) -> shards.PreparedTokens:
+  """The prepared token stream a `prepared:DIR` spec names, checked against the tokenizer."""
+  return shards.PreparedTokens(shards.prepared_dir(spec), tokenizer.fingerprint)
 
 
 def _cache_key(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> str | None:
@@ -255,7 +377,10 @@ def token_stream(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer,
 
   With `cache_dir`, the stream is stored as `tokens-<hash>.npy` (keyed by the files' paths,
   sizes and mtimes and by the tokenizer) and later calls memory-map it instead of tokenising.
+  A prepared directory (`prepared:DIR`) is read as it is.
   """
+  if shards.prepared_dir(spec) is not None:
+    return open_prepared(spec, tokenizer).stream()
   key = _cache_key(spec, data_cfg, tokenizer) if cache_dir is not None else None
   path = pathlib.Path(cache_dir) / f"tokens-{key}.npy" if key else None
   if path is not None and path.is_file():
@@ -263,7 +388,7 @@ def token_stream(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer,
       return np.load(path, mmap_mode="r")
     except (OSError, ValueError):
       log.warning("ignoring unreadable token cache %s", path)
-  tokens, lengths = encode_documents(read_documents(spec, data_cfg), tokenizer)
+  tokens, lengths = encode_documents(iter_documents(spec, data_cfg), tokenizer)
   log.info("tokenised %s: %d documents, %d tokens", spec, len(lengths), tokens.shape[0])
   if path is not None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
@@ -306,7 +431,7 @@ class TrainIterator(grain.DatasetIterator):
   valid when the process count changes. Works with `grain.checkpoint.CheckpointSave`.
   """
 
-  def __init__(self, blocks_NT: np.ndarray, *, global_batch: int, seed: int, shuffle: bool = True,
+  def __init__(self, blocks_NT: np.ndarray | shards.TokenBlocks, *, global_batch: int, seed: int, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2):
     self._closed = True  # until the grain base is initialised (its __del__ reads this)
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -355,9 +480,17 @@ class TrainIterator(grain.DatasetIterator):
 def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.PathLike | None, *,
                         process_index: int = 0, process_count: int = 1,
                         prefetch: int = 2) -> TrainIterator:
-  """Training batches from cfg.data.train (token stream cached in run_dir)."""
-  tokens = token_stream(cfg.data.train, cfg.data, tokenizer, run_dir)
-  blocks = pack_blocks(tokens, cfg.data.block_tokens, what=f"training source {cfg.data.train}")
+  """Training batches from cfg.data.train: a prepared directory (memory-mapped, each process
+  reads only its rows) or a raw source (token stream cached in run_dir)."""
+  what = f"training source {cfg.data.train}"
+  if shards.prepared_dir(cfg.data.train) is not None:
+    blocks = shards.TokenBlocks(open_prepared(cfg.data.train, tokenizer), cfg.data.block_tokens)
+    if len(blocks) == 0:
+      raise DataError(f"{what} has {len(blocks.tokens)} tokens, fewer than one block of "
+                      f"data.block_tokens={blocks.block_tokens}")
+  else:
+    tokens = token_stream(cfg.data.train, cfg.data, tokenizer, run_dir)
+    blocks = pack_blocks(tokens, cfg.data.block_tokens, what=what)
   return TrainIterator(blocks, global_batch=cfg.train.batch_size, seed=cfg.data.seed,
                        shuffle=cfg.data.shuffle, process_index=process_index,
                        process_count=process_count, prefetch=prefetch)

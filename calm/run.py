@@ -12,7 +12,7 @@ from typing import Sequence
 
 from flax import nnx
 
-from calm import checkpoint, data, stages
+from calm import checkpoint, data, shards, stages
 from calm.config import Config
 from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -70,8 +70,9 @@ def _sample_texts(docs: Sequence[str], max_bytes: int) -> list[str]:
 
 def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *, ae_dir: str | os.PathLike | None = None,
                   train_if_missing: bool = True) -> Tokenizer:
-  """`data.tokenizer`, else the autoencoder run's tokenizer.json, else the run's own, else (when
-  training) a BPE trained on the training data and saved into the run directory."""
+  """`data.tokenizer`, else the autoencoder run's tokenizer.json, else the run's own, else a
+  prepared training source's, else (when training) a BPE trained on the training data and saved
+  into the run directory."""
   local = pathlib.Path(run_dir) / "tokenizer.json"
   ae_tok = pathlib.Path(ae_dir) / "tokenizer.json" if ae_dir else None
   if cfg.data.tokenizer:
@@ -80,6 +81,13 @@ def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *, ae_dir: str | os.P
     tok, where = load_tokenizer(ae_tok), str(ae_tok)
   elif local.is_file():
     tok, where = load_tokenizer(local), str(local)
+  elif (prepared := shards.prepared_dir(cfg.data.train)) is not None:
+    src = prepared / shards.TOKENIZER
+    if not src.is_file():
+      raise DataError(f"no tokenizer: {src} does not exist and data.tokenizer is not set")
+    tok, where = load_tokenizer(src), str(src)
+    if train_if_missing:  # a training run keeps its own copy, as for a trained one
+      tok.save(local)
   elif not train_if_missing:
     raise DataError(f"no tokenizer: {local} does not exist and data.tokenizer is not set")
   else:

@@ -1,0 +1,230 @@
+"""Prepared token shards: same stream as the raw source, deterministic, resumable, checked."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from calm import config, shards
+from calm import data as D
+from calm import prepare as P
+from calm.errors import DataError
+from calm.tokenizer import Tokenizer, train_tokenizer
+
+from conftest import DEMO_DATA, ROOT, subprocess_env
+
+PIECE = 8 << 10  # bytes per piece: the corpus below makes ~20 shards
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[pathlib.Path, Tokenizer]:
+  """A JSON Lines file, a gzipped copy of part of it, a text file, and a tokenizer.json."""
+  root = tmp_path_factory.mktemp("corpus")
+  text = (DEMO_DATA / "train" / "pg35.txt").read_text()[:200_000]
+  words = text.split()
+  rng = random.Random(0)
+  docs = [" ".join(rng.choices(words, k=rng.randint(1, 120))) for _ in range(600)]
+  docs[7] = "literal <eos> text and a line\u2028separator"
+  lines = [json.dumps({"text": d, "id": i}, ensure_ascii=False) for i, d in enumerate(docs)]
+  src = root / "src"
+  src.mkdir()
+  (src / "a.jsonl").write_text("\n".join(lines[:500]) + "\n\n")
+  import gzip
+
+  with gzip.open(src / "b.jsonl.gz", "wt") as f:
+    f.write("\n".join(lines[500:550]) + "\n")
+  (src / "c.txt").write_text("\n\n".join(docs[550:]))
+  tok = train_tokenizer([p for p in text.split("\n\n") if p.strip()], 300)
+  tok.save(root / "tokenizer.json")
+  return src, tok
+
+
+def _cfg(train: str, root: pathlib.Path, **kw) -> config.Config:
+  base = {"data.train": train, "data.tokenizer": str(root / "tokenizer.json"),
+          "model.vocab_size": 300, "model.chunk_size": 4, "data.block_tokens": 32,
+          "train.batch_size": 8}
+  return config.replace(config.Config(), **{**base, **kw})
+
+
+def _shard_bytes(root: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(root.glob("shard-*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory) -> pathlib.Path:
+  src, _ = corpus
+  out = tmp_path_factory.mktemp("prepared")
+  P.prepare(_cfg(str(src), src.parent), out, workers=2, piece_bytes=PIECE, progress=False)
+  return out
+
+
+def test_shards_are_the_raw_token_stream(corpus, prepared):
+  src, tok = corpus
+  cfg = _cfg(str(src), src.parent)
+  raw = D.token_stream(str(src), cfg.data, tok)
+  m = shards.read_manifest(prepared)
+  assert m["dtype"] == "uint16" and m["tokenizer"]["fingerprint"] == tok.fingerprint
+  assert len(m["shards"]) > 10  # a.jsonl is cut into byte ranges
+  assert m["documents"] == 600 and m["tokens"] == raw.shape[0]
+  assert sum(s["tokens"] for s in m["shards"]) == raw.shape[0]
+  stream = D.token_stream(f"prepared:{prepared}", cfg.data, tok)
+  np.testing.assert_array_equal(stream, raw)
+  assert (np.flatnonzero(stream == tok.eos_id).shape[0]) == 600  # literal "<eos>" stays text
+  docs = D.tokenized_documents(str(prepared), cfg.data, tok)  # a directory with a manifest
+  want = D.tokenized_documents(str(src), cfg.data, tok)
+  assert len(docs) == len(want) == 600
+  for a, b in zip(docs, want):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_byte_ranges_partition_a_jsonl_file(corpus):
+  src, _ = corpus
+  cfg = _cfg(str(src), src.parent)
+  f = src / "a.jsonl"
+  size = f.stat().st_size
+  for step in (1, 97, 4096, size):  # any cut, even inside a line or a UTF-8 sequence
+    got = [d for lo in range(0, size, step)
+           for d in D.iter_file_documents(f, cfg.data, lo, min(size, lo + step))]
+    assert got == D.read_documents(str(f), cfg.data)
+
+
+def test_same_bytes_for_one_process_and_after_sigkill(corpus, prepared, tmp_path):
+  src, _ = corpus
+  one = tmp_path / "one"
+  P.prepare(_cfg(str(src), src.parent), one, workers=1, piece_bytes=PIECE, progress=False)
+  want = _shard_bytes(prepared)
+  assert _shard_bytes(one) == want
+  assert (one / "manifest.json").read_text() == (prepared / "manifest.json").read_text()
+
+  killed = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "calm.prepare", "--config", str(ROOT / "configs" / "tiny.yaml"),
+         "--out", str(killed), "--source", str(src), "--workers", "1", "--piece-mb",
+         str(PIECE / (1 << 20)), *(f"{k}={v}" for k, v in {
+             "data.tokenizer": src.parent / "tokenizer.json", "model.vocab_size": 300}.items())]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while len(list(killed.glob("shard-*.bin"))) < 3 and proc.poll() is None:
+      assert time.time() < deadline, "prepare made no shards"
+      time.sleep(0.02)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker processes
+    proc.wait()
+  assert not (killed / "manifest.json").exists()
+  (killed / ".shard-00019.bin.tmp1").write_bytes(b"\x01" * 7)  # as a kill mid-write leaves
+  with pytest.raises(DataError, match="no manifest.json"):
+    shards.PreparedTokens(killed)
+  done_before = {p.name: p.stat().st_mtime_ns for p in killed.glob("shard-*.bin")}
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert _shard_bytes(killed) == want
+  assert not list(killed.glob(".shard-*"))
+  kept = {p.name: p.stat().st_mtime_ns for p in killed.glob("shard-*.bin")}
+  assert all(kept[k] == v for k, v in done_before.items())  # finished shards were not redone
+
+
+def test_training_batches_match_the_raw_source(corpus, prepared):
+  src, tok = corpus
+  raw_cfg = _cfg(str(src), src.parent)
+  prep_cfg = _cfg(f"prepared:{prepared}", src.parent)
+  a = D.make_train_iterator(raw_cfg, tok, None, prefetch=0)
+  b = D.make_train_iterator(prep_cfg, tok, None, prefetch=0)
+  n_blocks = D.token_stream(str(src), raw_cfg.data, tok).shape[0] // 32
+  for _ in range(n_blocks // 8 + 3):  # past the end of the first epoch
+    np.testing.assert_array_equal(next(a), next(b))
+  assert b.get_state() == a.get_state()
+
+
+class _Recording(shards.TokenBlocks):
+  read: list
+
+  def rows(self, idx):
+    self.read.extend(int(i) for i in np.asarray(idx).reshape(-1))
+    return super().rows(idx)
+
+
+def test_each_process_reads_only_its_rows(corpus, prepared):
+  src, tok = corpus
+  tokens = D.open_prepared(str(prepared), tok)
+  whole = D.TrainIterator(shards.TokenBlocks(tokens, 32), global_batch=8, seed=3, prefetch=0)
+  batches = [next(whole) for _ in range(4)]
+  seen = []
+  for p in range(2):
+    blocks = _Recording(tokens, 32)
+    blocks.read = []
+    it = D.TrainIterator(blocks, global_batch=8, seed=3, process_index=p, process_count=2,
+                         prefetch=0)
+    for b in batches:
+      np.testing.assert_array_equal(next(it), b[4 * p:4 * (p + 1)])
+    assert len(blocks.read) == 4 * 4  # its 4 rows of each of 4 batches, nothing else
+    seen.append(set(blocks.read))
+  assert not seen[0] & seen[1]
+
+
+def test_resume_exactly_after_sigkill(corpus, prepared, tmp_path):
+  """A process takes 5 batches, saves the iterator state, is killed; a new one resumes."""
+  src, tok = corpus
+  cfg = _cfg(f"prepared:{prepared}", src.parent)
+  straight = D.make_train_iterator(cfg, tok, None, prefetch=0)
+  want = [next(straight) for _ in range(9)]
+  state = tmp_path / "state.json"
+  script = (
+      "import json, os, signal, pathlib\n"
+      "from calm import config, data, run\n"
+      f"cfg = config.replace(config.Config(), **{json.dumps(dict(_flat(cfg)))})\n"
+      "tok = run.get_tokenizer(cfg, '.', train_if_missing=False)\n"
+      "it = data.make_train_iterator(cfg, tok, None)\n"
+      "for _ in range(5): next(it)\n"
+      f"pathlib.Path({str(state)!r}).write_text(json.dumps(it.get_state()))\n"
+      "os.kill(os.getpid(), signal.SIGKILL)\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == -9, r.stderr[-2000:]
+  resumed = D.make_train_iterator(cfg, tok, None, prefetch=0)
+  resumed.set_state(json.loads(state.read_text()))
+  for b in want[5:]:
+    np.testing.assert_array_equal(next(resumed), b)
+
+
+def _flat(cfg: config.Config):
+  return [(f"data.{k}", getattr(cfg.data, k)) for k in ("train", "tokenizer", "block_tokens")] + [
+      ("model.vocab_size", 300), ("model.chunk_size", 4), ("train.batch_size", 8)]
+
+
+def test_bad_prepared_data_is_a_one_line_error(corpus, prepared, tmp_path):
+  src, tok = corpus
+
+  def err(spec, tokenizer=tok) -> str:
+    with pytest.raises(DataError) as e:
+      D.make_train_iterator(_cfg(spec, src.parent), tokenizer, None, prefetch=0)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  assert "no manifest.json" in err(f"prepared:{tmp_path}")
+  assert "not found" in err(f"prepared:{tmp_path / 'nope'}")
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  for p in prepared.iterdir():
+    (copy / p.name).write_bytes(p.read_bytes())
+  other = train_tokenizer(["some other text entirely"] * 20, 280)
+  assert "prepared with tokenizer" in err(str(copy), other)
+  shard = copy / "shard-00003.bin"
+  shard.write_bytes(shard.read_bytes()[:-10])
+  assert "shard-00003.bin: " in err(str(copy)) and "truncated" in err(str(copy))
+  # The command line reports bad input in one line, without a traceback.
+  r = subprocess.run([sys.executable, "-m", "calm.prepare", "--config",
+                      str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "o"),
+                      "--source", str(tmp_path / "missing.jsonl"),
+                      f"data.tokenizer={src.parent / 'tokenizer.json'}", "model.vocab_size=300"],
+                     cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in r.stderr
