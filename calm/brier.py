@@ -59,10 +59,22 @@ def brier_terms_from_logits(logits_true_P4V: jax.Array, y_P4: jax.Array,
   """
   logp_true_P4V = jax.nn.log_softmax(logits_true_P4V.astype(jnp.float32), axis=-1)
   logp_y_P4 = jnp.take_along_axis(logp_true_P4V, y_P4[..., None], axis=-1)[..., 0]
-  acc_P4 = 2.0 * jnp.exp(jnp.cumsum(logp_y_P4, axis=-1))
   logp_path_P4V = jax.nn.log_softmax(logits_path_P4V.astype(jnp.float32), axis=-1)
   logp_x1_P3 = jnp.take_along_axis(logp_path_P4V[..., :3, :], x1_P3[..., None], axis=-1)[..., 0]
   log_sumsq_P4 = jax.nn.logsumexp(2.0 * logp_path_P4V, axis=-1)
+  return brier_terms_from_logprobs(logp_y_P4, logp_x1_P3, log_sumsq_P4)
+
+
+def brier_terms_from_logprobs(logp_y_P4: jax.Array, logp_x1_P3: jax.Array,
+                              log_sumsq_P4: jax.Array) -> jax.Array:
+  """`brier_terms_from_logits` from its vocabulary reductions (nothing of size V needed).
+
+  Args:
+    logp_y_P4: log p(y_k | y_<k) along the true prefix.
+    logp_x1_P3: log p(x1_k | x1_<k) of sample 1's first 3 tokens along its own path.
+    log_sumsq_P4: log Σ_v p(v | x1_<k)² at each step of sample 1's path.
+  """
+  acc_P4 = 2.0 * jnp.exp(jnp.cumsum(logp_y_P4, axis=-1))
   log_prefix_P4 = jnp.concatenate(
       [jnp.zeros_like(logp_x1_P3[..., :1]), jnp.cumsum(logp_x1_P3, axis=-1)], axis=-1)
   return acc_P4 - jnp.exp(log_prefix_P4 + log_sumsq_P4)

@@ -173,6 +173,7 @@ class EvalConfig:
   batch_size: int = 8
   max_documents: int = 0  # 0 = all
   seed: int = 0
+  group: int = 0  # BrierLM positions scored at once; 0 = automatic (bounded memory)
   noise_sigmas: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
 
 
@@ -426,3 +427,4 @@ def validate(cfg: Config) -> None:
   _require(e.block_tokens >= 4 and e.block_tokens % m.chunk_size == 0, "eval.block_tokens",
            f"{e.block_tokens} is not a multiple of model.chunk_size {m.chunk_size} (>= 4)")
   _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  _require(e.group >= 0, "eval.group", "must be >= 0 (0 = automatic)")

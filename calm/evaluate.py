@@ -17,7 +17,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,43 +26,74 @@ from flax import nnx
 
 from calm import brier
 from calm.errors import CalmError, ConfigError, cli
-from calm.models.transformer import KVCache
+from calm.models.transformer import BranchCache
 from calm.sampling import decode_candidates
 
 NGRAMS = brier.NGRAMS
 
 
-def _branch(cache: KVCache, rows_R: jax.Array, length_R: jax.Array) -> KVCache:
-  """Private copies of cache rows, truncated to `length_R` (continuations overwrite the rest)."""
-  return KVCache(cache.k[:, rows_R], cache.v[:, rows_R], length_R)
+GROUP_BUDGET_BYTES = 1 << 30  # V-sized float32 temporaries of one group of positions
+
+
+def auto_group(kind: str, batch: int, vocab: int, chunk_size: int) -> int:
+  """Positions per group so that one group's vocabulary-sized arrays stay within the budget."""
+  per_position = batch * vocab * 4 * (4 if kind == "ar" else 2 * chunk_size * 2)
+  return max(1, GROUP_BUDGET_BYTES // per_position)
+
+
+def _groups(n: int, group: int) -> tuple[jax.Array, int]:
+  """Position indices [n_groups, G] (the last group padded with n − 1) and G."""
+  G = n if group <= 0 else min(group, n)
+  n_groups = -(-n // G)
+  return jnp.minimum(jnp.arange(n_groups * G).reshape(n_groups, G), n - 1), G
+
+
+def _ungroup(x_NBG: jax.Array, n: int) -> jax.Array:
+  """[n_groups, B, G, ...] → [B, n, ...] (padding dropped)."""
+  x = jnp.moveaxis(x_NBG, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+
+
+def _per_position_keys(key: jax.Array, pos_G: jax.Array) -> jax.Array:
+  """One key per scored position, so draws do not depend on how positions are grouped."""
+  return jax.vmap(lambda p: jax.random.fold_in(key, p))(pos_G)
 
 
 # ----------------------------------------------------------------------------- CALM
 
 
-def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array,
-                      group: int = 0) -> tuple[jax.Array, jax.Array]:
+def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array, group: int = 0,
+                      draw: Callable | None = None) -> tuple[jax.Array, jax.Array]:
   """Brier-1..4 estimates at chunk positions of token blocks → (brier_BP4, scored_BP).
 
-  Position s reads chunks 0..s and is scored against the next 4 tokens (chunks s+1, …). Two head
-  samples per position decoded by argmax. K ≥ 4: x1, x2 are the two samples. K < 4 (m = ⌈4/K⌉
-  chunks): accuracy terms multiply match indicators of independent samples at positions
-  s, …, s+m−1 on the TRUE prefix (expectation ∏ P(y-chunk | true prefix) = P(y[:n])); the
-  collision term continues along sample 1's path with the KV cache, drawing two samples per step
-  (expectation Σ_u P(u)² over n-grams, as in the reference). P = S − m positions; `group` > 0
-  bounds how many positions are continued at once.
+  Position s reads chunks 0..s and is scored against the next 4 tokens (chunks s+1, …). Two
+  samples per position from `draw(h_RD, key, n) → ids [R, n, K]` (default: head samples decoded
+  by argmax). K ≥ 4: x1, x2 are the two samples. K < 4 (m = ⌈4/K⌉ chunks): accuracy terms
+  multiply match indicators of independent samples at positions s, …, s+m−1 on the TRUE prefix
+  (expectation ∏ P(y-chunk | true prefix) = P(y[:n])); the collision term continues along sample
+  1's path from the shared prefix cache, drawing two samples per step (expectation Σ_u P(u)²
+  over n-grams, as in the reference). P = S − m positions; `group` > 0 positions are drawn and
+  continued at once (0 = all); results do not depend on it.
   """
+  if draw is None:
+    draw = functools.partial(decode_candidates, calm, ae)
   B, T = ids_BT.shape
   K = calm.chunk_size
   S = T // K
   m = -(-NGRAMS // K)
   P = S - m
   chunks_BSK = ids_BT.reshape(B, S, K)
-  cache = calm.init_cache(B, S + m)
+  cache = calm.init_cache(B, S - 1) if m > 1 else None
   h_BSD, cache = calm.hidden(chunks_BSK[:, :-1], cache=cache)
-  D = h_BSD.shape[-1]
   ks, kc = jax.random.split(key)
-  x_BS2K = decode_candidates(calm, ae, h_BSD.reshape(-1, D), ks, 2).reshape(B, S - 1, 2, K)
+
+  def draw_at(s_G, h_BGD, k):  # two draws for each of B rows at each position in s_G
+    keys_G = _per_position_keys(k, s_G)
+    return jnp.moveaxis(jax.vmap(lambda h, kk: draw(h, kk, 2))(jnp.moveaxis(h_BGD, 1, 0),
+                                                                keys_G), 0, 1)
+
+  s_NG, _ = _groups(S - 1, group)
+  x_BS2K = _ungroup(jax.lax.map(lambda s_G: draw_at(s_G, h_BSD[:, s_G], ks), s_NG), S - 1)
   y_BPT = jnp.stack([chunks_BSK[:, 1 + j:1 + j + P] for j in range(m)], axis=2).reshape(B, P, -1)
   x1_BPT = jnp.stack([x_BS2K[:, j:j + P, 0] for j in range(m)], axis=2).reshape(B, P, -1)
   x2_BPT = jnp.stack([x_BS2K[:, j:j + P, 1] for j in range(m)], axis=2).reshape(B, P, -1)
@@ -73,26 +104,20 @@ def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array,
     return jnp.cumprod((a[..., :NGRAMS] == b[..., :NGRAMS]).astype(jnp.float32), axis=-1)
 
   acc_BP4 = cumeq(x1_BPT, y_BPT) + cumeq(x2_BPT, y_BPT)
-  # Collision along sample 1's path: rows (b, s) continue from cache length s + 1.
-  G = P if group <= 0 else min(group, P)
-  n_groups = -(-P // G)
 
-  def collide(gi):
-    s_G = jnp.minimum(gi * G + jnp.arange(G), P - 1)
-    rows_R = jnp.repeat(jnp.arange(B), G)
-    s_R = jnp.tile(s_G, B)
-    c = _branch(cache, rows_R, s_R + 1)
-    a_RK, b_RK = x_BS2K[rows_R, s_R, 0], x_BS2K[rows_R, s_R, 1]
-    a_list, b_list = [a_RK], [b_RK]
+  def collide(s_G):  # branches (b, s) continue sample 1 after prefix chunks 0..s
+    G = s_G.shape[0]
+    c = BranchCache.create(cache, jnp.broadcast_to(s_G + 1, (B, G)), m - 1)
+    a_list, b_list = [x_BS2K[:, s_G, 0]], [x_BS2K[:, s_G, 1]]
     for j in range(1, m):
-      h_R1D, c = calm.hidden(a_list[-1][:, None], cache=c)
-      ab_R2K = decode_candidates(calm, ae, h_R1D[:, 0], jax.random.fold_in(kc, gi * m + j), 2)
-      a_list.append(ab_R2K[:, 0])
-      b_list.append(ab_R2K[:, 1])
-    coll_R4 = cumeq(jnp.concatenate(a_list, -1), jnp.concatenate(b_list, -1))
-    return coll_R4.reshape(B, G, NGRAMS)
+      h_R1D, c = calm.hidden(a_list[-1].reshape(B * G, 1, K), cache=c)
+      ab_BG2K = draw_at(s_G, h_R1D.reshape(B, G, -1), jax.random.fold_in(kc, j))
+      a_list.append(ab_BG2K[:, :, 0])
+      b_list.append(ab_BG2K[:, :, 1])
+    return cumeq(jnp.concatenate(a_list, -1), jnp.concatenate(b_list, -1))
 
-  coll_BP4 = jnp.concatenate([collide(g) for g in range(n_groups)], axis=1)[:, :P]
+  s_NG, _ = _groups(P, group)
+  coll_BP4 = _ungroup(jax.lax.map(collide, s_NG), P)
   return acc_BP4 - coll_BP4, jnp.ones((B, P), bool)
 
 
@@ -108,37 +133,47 @@ def ar_block_scores(model, ids_BT: jax.Array, key: jax.Array, stride: int,
                     group: int = 0) -> jax.Array:
   """Brier-1..4 at `ar_positions` (see `brier.brier_terms_from_logits`) → [B, P, 4].
 
-  Sample 1's path (3 tokens) is continued with the KV cache: each scored position gets a private
-  copy of the block's cache truncated to its prefix.
+  Sample 1's path (3 tokens) continues from the block's cache, shared by all branches (each
+  keeps only its 3-token suffix). `group` > 0 positions are scored at once (0 = all), and every
+  vocabulary-sized array is reduced as soon as it is made: memory is O(B·G·V), not O(B·P·V).
   """
   B, T = ids_BT.shape
   pos_P = jnp.asarray(ar_positions(T, stride))
   P = pos_P.shape[0]
-  cache = model.init_cache(B, T + NGRAMS)
-  logits_BTV, cache = model(ids_BT, cache=cache)
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  steps_4 = jnp.arange(NGRAMS)
-  true_BP4V = logits_BTV[:, pos_P[:, None] - 1 + steps_4]
-  y_BP4 = ids_BT[:, pos_P[:, None] + steps_4]
-  G = P if group <= 0 else min(group, P)
+  h_BTD, cache = model.hidden(ids_BT, cache=model.init_cache(B, T))
+  p_NG, G = _groups(P, group)
 
-  def path(gi):
-    p_G = pos_P[jnp.minimum(gi * G + jnp.arange(G), P - 1)]
-    rows_R = jnp.repeat(jnp.arange(B), G)
-    c = _branch(cache, rows_R, jnp.tile(p_G, B))
-    logits = [logits_BTV[rows_R, jnp.tile(p_G, B) - 1]]
-    toks = []
-    for j in range(NGRAMS - 1):
-      toks.append(jax.random.categorical(jax.random.fold_in(key, gi * NGRAMS + j), logits[-1]))
-      step_R1V, c = model(toks[-1][:, None].astype(jnp.int32), cache=c)
-      logits.append(step_R1V[:, 0].astype(jnp.float32))
-    return (jnp.stack(logits, 1).reshape(B, G, NGRAMS, -1),
-            jnp.stack(toks, 1).reshape(B, G, NGRAMS - 1))
+  def log_softmax(h):
+    return jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
 
-  outs = [path(g) for g in range(-(-P // G))]
-  path_BP4V = jnp.concatenate([o[0] for o in outs], axis=1)[:, :P]
-  x1_BP3 = jnp.concatenate([o[1] for o in outs], axis=1)[:, :P]
-  return brier.brier_terms_from_logits(true_BP4V, y_BP4, path_BP4V, x1_BP3)
+  # log p(ids[t+1] | ids[≤t]) at every t, G·stride positions at a time
+  next_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)
+  logp_next_TB = jax.lax.map(
+      lambda a: jnp.take_along_axis(log_softmax(a[0]), a[1][:, None], axis=-1)[:, 0],
+      (jnp.moveaxis(h_BTD, 1, 0), next_BT.T), batch_size=min(T, G * stride))
+  logp_y_BP4 = logp_next_TB.T[:, pos_P[:, None] - 1 + jnp.arange(NGRAMS)]
+
+  def path(i_G):
+    p_G = pos_P[i_G]
+    logp_BGV = log_softmax(h_BTD[:, p_G - 1])
+    c = BranchCache.create(cache, jnp.broadcast_to(p_G, (B, G)), NGRAMS - 1)
+    lsq, lx = [], []
+    for j in range(NGRAMS):
+      lsq.append(jax.nn.logsumexp(2.0 * logp_BGV, axis=-1))
+      if j == NGRAMS - 1:
+        break
+      V = logp_BGV.shape[-1]
+      gumbel_GBV = jax.vmap(lambda k: jax.random.gumbel(k, (B, V)))(
+          _per_position_keys(jax.random.fold_in(key, j), p_G))
+      x_BG = jnp.argmax(logp_BGV + jnp.moveaxis(gumbel_GBV, 0, 1), axis=-1)
+      lx.append(jnp.take_along_axis(logp_BGV, x_BG[..., None], axis=-1)[..., 0])
+      h_R1D, c = model.hidden(x_BG.reshape(B * G, 1).astype(jnp.int32), cache=c)
+      logp_BGV = log_softmax(h_R1D[:, 0]).reshape(B, G, V)
+    return jnp.stack(lx, -1), jnp.stack(lsq, -1)
+
+  lx_NBG3, lsq_NBG4 = jax.lax.map(path, p_NG)
+  return brier.brier_terms_from_logprobs(logp_y_BP4, _ungroup(lx_NBG3, P),
+                                         _ungroup(lsq_NBG4, P))
 
 
 # ----------------------------------------------------------------------------- documents
@@ -167,12 +202,22 @@ def document_blocks(docs: Sequence[np.ndarray], block_tokens: int, multiple: int
   return np.stack(blocks), np.asarray(lens), np.asarray(owners)
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "graphdefs", "chunk_size", "group"))
+def _score_batch(states, ids_BT, key, *, kind, graphdefs, chunk_size, group):
+  """Brier-1..4 of one batch of blocks; compiled once per (models, shapes, group)."""
+  ms = [nnx.merge(d, s) for d, s in zip(graphdefs, states)]
+  if kind == "calm":
+    return calm_block_scores(ms[0], ms[1], ids_BT, key, group)[0]
+  return ar_block_scores(ms[0], ids_BT, key, chunk_size, group)
+
+
 def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, block_tokens: int,
                     chunk_size: int, batch_size: int, seed: int, pad_id: int,
                     group: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Per-position Brier-1..4 over documents → (brier [N, 4], document index [N]).
 
-  kind: "calm" with models = (calm, ae), or "ar" with models = (ar,).
+  kind: "calm" with models = (calm, ae), or "ar" with models = (ar,). group: positions scored at
+  once (0 = automatic from a memory budget); the scores do not depend on it.
   """
   ids, lens, owners = document_blocks(docs, block_tokens, chunk_size, pad_id)
   defs, states = zip(*(nnx.split(m) for m in models))
@@ -186,13 +231,8 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
   else:
     raise ConfigError(f"stage must be calm or ar for BrierLM, got {kind!r}")
 
-  @functools.partial(jax.jit, static_argnums=(0,))
-  def run(defs, states, ids_BT, key):
-    ms = [nnx.merge(d, s) for d, s in zip(defs, states)]
-    if kind == "calm":
-      return calm_block_scores(ms[0], ms[1], ids_BT, key, group)[0]
-    return ar_block_scores(ms[0], ids_BT, key, K, group)
-
+  if group <= 0:
+    group = auto_group(kind, batch_size, models[-1].embed.table.shape[0], K)
   key = jax.random.key(seed)
   out, doc_of = [], []
   n = len(ids)
@@ -200,7 +240,8 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
     batch = np.zeros((batch_size, block_tokens), np.int32) + pad_id
     take = min(batch_size, n - i)
     batch[:take] = ids[i:i + take]
-    scores = np.asarray(run(defs, states, jnp.asarray(batch), jax.random.fold_in(key, i)))
+    scores = np.asarray(_score_batch(states, jnp.asarray(batch), jax.random.fold_in(key, i),
+                                     kind=kind, graphdefs=defs, chunk_size=K, group=group))
     for r in range(take):
       valid = first_tok <= lens[i + r]
       out.append(scores[r][valid])
@@ -222,10 +263,17 @@ def format_table(summary: dict) -> str:
   return "\n".join(rows)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "sigmas"))
+def _ae_batch(params, ids_BT, key, *, graphdef, chunk_size, sigmas):
+  from calm import stages
+
+  return stages.ae_reconstruction(nnx.merge(graphdef, params), ids_BT, key, chunk_size, sigmas)
+
+
 def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = "") -> int:
   """Held-out reconstruction of an autoencoder run: token accuracy and chunk exact match from μ,
   token accuracy with Gaussian noise σ ∈ eval.noise_sigmas added to the latent."""
-  from calm import config, data, run, stages
+  from calm import config, data, run
 
   r = run.load(cfg, step=step, stages_allowed=("autoencoder",))
   loaded, tok = r.loaded, r.tokenizer
@@ -240,8 +288,8 @@ def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = 
                       f"{cfg.eval.block_tokens} tokens, fewer than one batch of {bs}")
   graphdef, params = nnx.split(loaded.model)
   K = loaded.config.model.chunk_size
-  fn = jax.jit(lambda p, ids, key: stages.ae_reconstruction(
-      nnx.merge(graphdef, p), ids, key, K, cfg.eval.noise_sigmas))
+  fn = functools.partial(_ae_batch, graphdef=graphdef, chunk_size=K,
+                         sigmas=tuple(cfg.eval.noise_sigmas))
   t0 = time.time()
   rows = [jax.device_get(fn(params, jnp.asarray(blocks[i:i + bs]),
                             jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i)))
@@ -288,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.time()
   est, doc_ids = score_documents(cfg.stage, models, docs, block_tokens=cfg.eval.block_tokens,
                                  chunk_size=K, batch_size=cfg.eval.batch_size,
-                                 seed=cfg.eval.seed, pad_id=tok.pad_id)
+                                 seed=cfg.eval.seed, pad_id=tok.pad_id, group=cfg.eval.group)
   summary = brier.summarize(est, doc_ids, seed=cfg.eval.seed)
   summary["protocol"] = {
       "stage": cfg.stage, "data": source, "block_tokens": cfg.eval.block_tokens,

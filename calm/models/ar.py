@@ -26,6 +26,14 @@ class ARModel(nnx.Module):
   def __call__(self, ids_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Next-token logits [B, T, V] (compute dtype) and the updated cache."""
-    h_BTD, cache = self.backbone(self.embed(ids_BT), positions_BT=positions_BT, cache=cache)
-    logits = self.embed.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)
-    return logits, cache
+    h_BTD, cache = self.hidden(ids_BT, positions_BT=positions_BT, cache=cache)
+    return self.logits(h_BTD), cache
+
+  def hidden(self, ids_BT: jax.Array, *, positions_BT: jax.Array | None = None,
+             cache=None) -> tuple[jax.Array, KVCache | None]:
+    """Final hidden states [B, T, D] (before the LM head) and the updated cache."""
+    return self.backbone(self.embed(ids_BT), positions_BT=positions_BT, cache=cache)
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """LM head: hidden states → logits [..., V] (compute dtype)."""
+    return self.embed.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)

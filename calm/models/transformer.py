@@ -26,6 +26,61 @@ class KVCache:
     return self.k.shape[2]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BranchCache:
+  """G branches per row that continue one shared prefix cache without copying it.
+
+  Branch (b, g) (input row b·G + g) sees slots [0, prefix_len[b, g]) of row b of `prefix`, then
+  its own suffix slots [0, length + t). Memory: the suffix only, [layers, B, G, S, kv, head_dim].
+  """
+
+  prefix: KVCache  # read only
+  prefix_len: jax.Array  # [B, G] int32
+  k: jax.Array  # [layers, B, G, S, kv_heads, head_dim]
+  v: jax.Array
+  length: jax.Array  # [] int32, suffix slots filled (the same for every branch)
+
+  @staticmethod
+  def create(prefix: KVCache, prefix_len_BG: jax.Array, suffix_len: int) -> BranchCache:
+    L, B, _, kv, h = prefix.k.shape
+    shape = (L, B, prefix_len_BG.shape[1], suffix_len, kv, h)
+    z = jnp.zeros(shape, prefix.k.dtype)
+    return BranchCache(prefix, prefix_len_BG.astype(jnp.int32), z, z, jnp.zeros((), jnp.int32))
+
+
+def _branch_attention(q_BTNH, k_BTKH, v_BTKH, cache: BranchCache, layer: int):
+  """Attention of branch rows over their shared prefix and own suffix → (out, suffix k, v)."""
+  B, G = cache.prefix_len.shape
+  t, n, h = q_BTNH.shape[1:]
+  kv = k_BTKH.shape[2]
+  dt = q_BTNH.dtype
+  q = q_BTNH.reshape(B, G, t, kv, n // kv, h)
+  start = (layer, 0, 0, cache.length, 0, 0)
+  k_all = jax.lax.dynamic_update_slice(
+      cache.k, k_BTKH.reshape(1, B, G, t, kv, h).astype(cache.k.dtype), start)
+  v_all = jax.lax.dynamic_update_slice(
+      cache.v, v_BTKH.reshape(1, B, G, t, kv, h).astype(cache.v.dtype), start)
+  kp_BMKH, vp_BMKH = cache.prefix.k[layer].astype(dt), cache.prefix.v[layer].astype(dt)
+  ks, vs = k_all[layer].astype(dt), v_all[layer].astype(dt)
+  m, s = kp_BMKH.shape[1], ks.shape[2]
+  prec = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dt == jnp.bfloat16 else None
+  scale = 1.0 / float(h) ** 0.5
+  pre = jnp.einsum("bgtkrh,bmkh->bgkrtm", q, kp_BMKH, precision=prec,
+                   preferred_element_type=jnp.float32) * scale
+  suf = jnp.einsum("bgtkrh,bgskh->bgkrts", q, ks, precision=prec,
+                   preferred_element_type=jnp.float32) * scale
+  big_neg = jnp.finfo(jnp.float32).min
+  pre_mask = jnp.arange(m)[None, None, :] < cache.prefix_len[:, :, None]  # [B, G, M]
+  pre = jnp.where(pre_mask[:, :, None, None, None, :], pre, big_neg)
+  suf_mask = jnp.arange(s)[None, :] <= cache.length + jnp.arange(t)[:, None]  # [t, S]
+  suf = jnp.where(suf_mask, suf, big_neg)
+  probs = jax.nn.softmax(jnp.concatenate([pre, suf], axis=-1), axis=-1).astype(dt)
+  out = (jnp.einsum("bgkrtm,bmkh->bgtkrh", probs[..., :m], vp_BMKH)
+         + jnp.einsum("bgkrts,bgskh->bgtkrh", probs[..., m:], vs))
+  return out.reshape(B * G, t, n, h), k_all, v_all
+
+
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, Hugging Face "rotate half" convention (dims i and i+H/2 paired)."""
   h = x_BTNH.shape[-1]
@@ -52,8 +107,9 @@ class Attention(nnx.Module):
     self.dtype = compute_dtype(dtype)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, kv_cache=None):
-    """kv_cache: None (causal self-attention) or (k, v, length_B, layer) with k, v the whole
-    [layers, B, max_len, kv_heads, head_dim] buffers; returns (y_BTD, (k, v) or None)."""
+    """kv_cache: None (causal self-attention), (k, v, length_B, layer) with k, v the whole
+    [layers, B, max_len, kv_heads, head_dim] buffers, or (BranchCache, layer); returns
+    (y_BTD, updated (k, v) or None)."""
     dt = self.dtype
     x = x_BTD.astype(dt)
     q_BTNH = rope(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)), positions_BT, self.theta)
@@ -62,6 +118,9 @@ class Attention(nnx.Module):
     if kv_cache is None:
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True)
       new_cache = None
+    elif isinstance(kv_cache[0], BranchCache):
+      out_BTNH, k_all, v_all = _branch_attention(q_BTNH, k_BTKH, v_BTKH, *kv_cache)
+      new_cache = (k_all, v_all)
     else:
       k_all, v_all, length_B, layer = kv_cache
       b, t, m = x.shape[0], x.shape[1], k_all.shape[2]
@@ -110,10 +169,22 @@ class Transformer(nnx.Module):
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
 
   def __call__(self, x_BTD: jax.Array, *, positions_BT: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | BranchCache | None = None
+               ) -> tuple[jax.Array, KVCache | BranchCache | None]:
     """Causal forward. With a cache, the T new positions are appended at `cache.length` (per row),
-    attend to everything before them, and the returned cache has `length + T`."""
+    attend to everything before them, and the returned cache has `length + T`. With a
+    BranchCache the rows are its B·G branches, appended after their prefix and suffix."""
     b, t = x_BTD.shape[:2]
+    if isinstance(cache, BranchCache):
+      if positions_BT is None:
+        start_R = (cache.prefix_len + cache.length).reshape(-1)
+        positions_BT = start_R[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+      x_BTD = x_BTD.astype(self.dtype)
+      k, v = cache.k, cache.v
+      for i, layer in enumerate(self.layers):
+        x_BTD, (k, v) = layer(x_BTD, positions_BT,
+                              (dataclasses.replace(cache, k=k, v=v), i))
+      return self.norm(x_BTD), dataclasses.replace(cache, k=k, v=v, length=cache.length + t)
     if positions_BT is None:
       start_B = cache.length if cache is not None else jnp.zeros((b,), jnp.int32)
       positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
