@@ -36,8 +36,10 @@ GROUP_BUDGET_BYTES = 1 << 30  # V-sized float32 temporaries of one group of posi
 
 
 def auto_group(kind: str, batch: int, vocab: int, chunk_size: int) -> int:
-  """Positions per group so that one group's vocabulary-sized arrays stay within the budget."""
-  per_position = batch * vocab * 4 * (4 if kind == "ar" else 2 * chunk_size * 2)
+  """Positions per group so that one group's vocabulary-sized arrays stay within the budget
+  (AR: logits, log-probabilities, Gumbel noise and their sum live at once; CALM: two decoded
+  chunks' logits per position and row)."""
+  per_position = batch * vocab * 4 * (6 if kind == "ar" else 2 * chunk_size * 2)
   return max(1, GROUP_BUDGET_BYTES // per_position)
 
 
@@ -146,11 +148,11 @@ def ar_block_scores(model, ids_BT: jax.Array, key: jax.Array, stride: int,
   def log_softmax(h):
     return jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
 
-  # log p(ids[t+1] | ids[≤t]) at every t, G·stride positions at a time
+  # log p(ids[t+1] | ids[≤t]) at every t, G positions at a time
   next_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)
   logp_next_TB = jax.lax.map(
       lambda a: jnp.take_along_axis(log_softmax(a[0]), a[1][:, None], axis=-1)[:, 0],
-      (jnp.moveaxis(h_BTD, 1, 0), next_BT.T), batch_size=min(T, G * stride))
+      (jnp.moveaxis(h_BTD, 1, 0), next_BT.T), batch_size=min(T, G))
   logp_y_BP4 = logp_next_TB.T[:, pos_P[:, None] - 1 + jnp.arange(NGRAMS)]
 
   def path(i_G):
