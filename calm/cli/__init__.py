@@ -27,3 +27,7 @@ def evaluate() -> int:
 
 def convert() -> int:
   return _run("calm.convert")
+
+
+def prepare() -> int:
+  return _run("calm.prepare")
