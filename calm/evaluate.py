@@ -272,6 +272,36 @@ def _ae_batch(params, ids_BT, key, *, graphdef, chunk_size, sigmas):
   return stages.ae_reconstruction(nnx.merge(graphdef, params), ids_BT, key, chunk_size, sigmas)
 
 
+def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
+  """Held-out CALM energy loss with its reference lines and normalised score, on the blocks the
+  training evaluation uses (the first train.eval_batches × train.batch_size blocks of
+  data.block_tokens tokens of `source`, same keys), so it matches the run's last eval line."""
+  from calm import config, data, losses, metrics, rng
+
+  rc = loaded.config
+  bs, block = rc.train.batch_size, rc.data.block_tokens
+  blocks = data.eval_blocks(config.replace(cfg, **{"data.block_tokens": block}), tok, None, source)
+  n = min((len(blocks) // bs) * bs, rc.train.eval_batches * bs)
+  if n == 0:
+    raise ConfigError(f"train.batch_size: {source} has {len(blocks)} blocks of {block} tokens, "
+                      f"fewer than one batch of {bs}")
+  graphdef, params = nnx.split(loaded.model)
+  ae_graphdef, ae_params = nnx.split(ae)
+  loss = jax.jit(lambda p, a, ids, key: losses.calm_loss(
+      nnx.merge(graphdef, p), nnx.merge(ae_graphdef, a), ids, key, rc.model)[1]["loss"])
+  batches = [jnp.asarray(blocks[i:i + bs]) for i in range(0, n, bs)]
+  keys = [jax.random.fold_in(rng.stream(rc.seed, rng.EVAL), j) for j in range(len(batches))]
+  ev = {"loss": float(np.mean([loss(params, ae_params, b, k) for b, k in zip(batches, keys)]))}
+  refs = metrics.energy_references(ae_graphdef, ae_params, batches, keys, rc.model)
+  return metrics.with_references(ev, refs)
+
+
+def format_energy(e: dict[str, float]) -> str:
+  return (f"energy loss {e['loss']:.3f} (no-context baseline {e['baseline_loss']:.3f}, oracle "
+          f"{e['oracle_loss']:.3f}): normalised score {e['norm_score']:.3f} "
+          f"(0 = context unused, 1 = oracle)")
+
+
 def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = "") -> int:
   """Held-out reconstruction of an autoencoder run: token accuracy and chunk exact match from μ,
   token accuracy with Gaussian noise σ ∈ eval.noise_sigmas added to the latent."""
@@ -340,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  chunk_size=K, batch_size=cfg.eval.batch_size,
                                  seed=cfg.eval.seed, pad_id=tok.pad_id, group=cfg.eval.group)
   summary = brier.summarize(est, doc_ids, seed=cfg.eval.seed)
+  if cfg.stage == "calm" and r.loaded.config.model.head.kind == "energy":
+    summary["energy"] = energy_report(cfg, r.loaded, models[1], tok, source)
   summary["protocol"] = {
       "stage": cfg.stage, "data": source, "block_tokens": cfg.eval.block_tokens,
       "chunk_size": K, "positions": "every chunk boundary" if cfg.stage == "calm"
@@ -347,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       "documents": summary["documents"], "seed": cfg.eval.seed, "checkpoints": ckpts,
       "seconds": round(time.time() - t0, 2)}
   print(format_table(summary))
+  if "energy" in summary:
+    print(format_energy(summary["energy"]))
   print(json.dumps(summary["protocol"]))
   out = pathlib.Path(args.out or pathlib.Path(cfg.run_dir) / "brierlm.json")
   out.parent.mkdir(parents=True, exist_ok=True)

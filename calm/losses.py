@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm.config import ModelConfig
+from calm.config import HeadConfig, ModelConfig
 
 Metrics = dict[str, jax.Array]
 
@@ -138,6 +138,43 @@ def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
   loss = -jnp.mean(score)
   return loss, {"loss": loss, "energy_score": jnp.mean(score), "dist_xx": jnp.mean(dxx),
                 "dist_xy": jnp.mean(dxy)}
+
+
+def next_chunk_posteriors(ae, ids_BT: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """(μ, log σ) [B, S−1, L] of the frozen AE posterior of chunks 1..S−1 (the CALM targets)."""
+  mu, logstd = ae.encode(_chunks(ids_BT, chunk_size)[:, 1:])
+  return (jax.lax.stop_gradient(mu).astype(jnp.float32),
+          jax.lax.stop_gradient(logstd).astype(jnp.float32))
+
+
+def reference_energy_losses(mu_BSL: jax.Array, logstd_BSL: jax.Array, pool_mu_PL: jax.Array,
+                            pool_logstd_PL: jax.Array, key: jax.Array, h: HeadConfig
+                            ) -> Metrics:
+  """Energy losses of two context-free reference heads, with `calm_loss`'s estimator (same N, M,
+  β and, for the same key, the same M target draws):
+
+    baseline: each of the N samples is drawn from the posterior of a uniformly random chunk of
+      the pool (the evaluation set's marginal: the best a head can do without the context);
+    oracle: the N samples are drawn from the true next chunk's posterior.
+  """
+  k_noise, k_eps = jax.random.split(key)
+  k_pick, k_base, k_orc = jax.random.split(k_noise, 3)
+  sigma_BSL = jnp.exp(logstd_BSL)
+  y_MBSL = mu_BSL + sigma_BSL * jax.random.normal(
+      k_eps, (h.num_target_samples, *mu_BSL.shape), jnp.float32)
+  shape_NBS = (h.num_samples, *mu_BSL.shape[:-1])
+  pick_NBS = jax.random.randint(k_pick, shape_NBS, 0, pool_mu_PL.shape[0])
+  base_NBSL = pool_mu_PL[pick_NBS] + jnp.exp(pool_logstd_PL[pick_NBS]) * jax.random.normal(
+      k_base, (*shape_NBS, mu_BSL.shape[-1]), jnp.float32)
+  orc_NBSL = mu_BSL + sigma_BSL * jax.random.normal(
+      k_orc, (h.num_samples, *mu_BSL.shape), jnp.float32)
+  return {"baseline_loss": -jnp.mean(energy_score(base_NBSL, y_MBSL, h.beta)),
+          "oracle_loss": -jnp.mean(energy_score(orc_NBSL, y_MBSL, h.beta))}
+
+
+def normalised_score(loss, baseline_loss, oracle_loss):
+  """(baseline − loss) / (baseline − oracle): 0 = no use of the context, 1 = the oracle."""
+  return (baseline_loss - loss) / (baseline_loss - oracle_loss)
 
 
 def ar_loss(model, ids_BT: jax.Array) -> tuple[jax.Array, Metrics]:

@@ -1,4 +1,5 @@
-"""Training metrics: JSONL + TensorBoard from process 0, throughput, model FLOPs and MFU."""
+"""Training metrics: JSONL + TensorBoard from process 0, throughput, model FLOPs, MFU and
+CALM energy reference lines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from calm import losses
 from calm.config import Config, ModelConfig
 
 
@@ -153,3 +156,24 @@ def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
     frozen = _ae_macs_per_chunk(cfg)[0]
     return (6.0 * trained + 2.0 * frozen) / K
   raise ValueError(f"unknown stage {stage!r}")
+
+
+def energy_references(ae_graphdef, ae_params, batches: list[jax.Array], keys: list[jax.Array],
+                      cfg: ModelConfig) -> dict[str, float]:
+  """Baseline and oracle energy losses of an evaluation set (`losses.reference_energy_losses`),
+  averaged over its batches like the held-out loss; the baseline pools the posteriors of every
+  target chunk of the set. `keys` (one per batch) as in the evaluation share its target draws."""
+  K = cfg.chunk_size
+  post = jax.jit(lambda p, ids: losses.next_chunk_posteriors(nnx.merge(ae_graphdef, p), ids, K))
+  pairs = [post(ae_params, ids) for ids in batches]
+  flat = lambda xs: jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
+  pool_mu, pool_logstd = flat([m for m, _ in pairs]), flat([s for _, s in pairs])
+  ref = jax.jit(lambda mu, ls, pm, pl, k: losses.reference_energy_losses(mu, ls, pm, pl, k,
+                                                                          cfg.head))
+  rows = [jax.device_get(ref(mu, ls, pool_mu, pool_logstd, k)) for (mu, ls), k in zip(pairs, keys)]
+  return mean_tree(rows)
+
+
+def with_references(ev: dict[str, float], refs: dict[str, float]) -> dict[str, float]:
+  """CALM eval metrics plus the reference lines and the normalised score of `ev["loss"]`."""
+  return {**ev, **refs, "norm_score": float(losses.normalised_score(ev["loss"], **refs))}

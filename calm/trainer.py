@@ -79,6 +79,7 @@ class Setup:
   params: Any
   opt_state: Any
   ae_params: Any  # the frozen autoencoder (calm stage), else None
+  ae_graphdef: Any
   ae_dir: pathlib.Path | None
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any
@@ -149,7 +150,8 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl, ae_sh),
                       out_shardings=repl)
   return Setup(cfg=cfg, mesh=mesh, stage=stage, tx=tx, graphdef=graphdef, params=params,
-               opt_state=opt_state, ae_params=ae_params, ae_dir=ae_dir, batch_sharding=batch_sh,
+               opt_state=opt_state, ae_params=ae_params, ae_graphdef=ae_graphdef, ae_dir=ae_dir,
+               batch_sharding=batch_sh,
                train_step=train_step, eval_step=eval_step)
 
 
@@ -213,14 +215,20 @@ class EvalHook:
     self.every = s.cfg.train.eval_every
     self.key = rng.stream(s.cfg.seed, rng.EVAL)
     self.history: list[dict] = []
+    self.refs: dict[str, float] = {}  # CALM energy reference lines, once per evaluation set
 
   def __call__(self, step: int, params: Any) -> None:
-    cfg, rows = self.s.cfg, []
+    cfg, rows, batches, keys = self.s.cfg, [], [], []
     for n, i in enumerate(range(0, len(self.blocks), cfg.train.batch_size)):
-      ids = _local_eval_slice(self.blocks, i, cfg, self.s.batch_sharding)
-      key = jax.random.fold_in(self.key, n)
-      rows.append(jax.device_get(self.s.eval_step(params, ids, key, self.s.ae_params)))
+      batches.append(_local_eval_slice(self.blocks, i, cfg, self.s.batch_sharding))
+      keys.append(jax.random.fold_in(self.key, n))
+      rows.append(jax.device_get(self.s.eval_step(params, batches[-1], keys[-1],
+                                                  self.s.ae_params)))
     ev = metrics.mean_tree(rows)
+    if cfg.stage == "calm" and cfg.model.head.kind == "energy":
+      self.refs = self.refs or metrics.energy_references(
+          self.s.ae_graphdef, self.s.ae_params, batches, keys, cfg.model)
+      ev = metrics.with_references(ev, self.refs)
     self.history.append({**ev, "step": step})
     self.logger.write(step, ev, prefix="eval/")
     if jax.process_index() == 0:

@@ -59,8 +59,9 @@ def test_evaluate_writes_table_and_json(runs, tmp_path):
   r = run("-m", "calm.evaluate", "--config", f"{runs}/calm/config.yaml", "--out", str(out),
           "eval.data=data/gutenberg-slice/heldout", "eval.max_documents=8")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "BrierLM" in r.stdout
+  assert "BrierLM" in r.stdout and "normalised score" in r.stdout
   result = json.loads(out.read_text())
+  assert result["energy"]["baseline_loss"] > result["energy"]["oracle_loss"]
   text = json.dumps(result)
   for key in ("block_tokens", "chunk_size", "scored_positions", "documents", "seed"):
     assert key in text

@@ -279,3 +279,65 @@ def test_flops_per_token(cfg):
     metrics.model_flops_per_token(cfg, "nope", T)
   full = config_lib.load(ROOT / "configs" / "tiny.yaml", ["stage=ar", "data.block_tokens=64"])
   assert metrics.model_flops_per_token(full) == metrics.model_flops_per_token(cfg, "ar", T)
+
+
+# ----------------------------------------------------------------------------- reference lines
+
+
+def _head(n, m):
+  return config_lib.HeadConfig(num_samples=n, num_target_samples=m)
+
+
+def test_reference_lines_of_point_masses_closed_form():
+  """Point-mass posteriors: the oracle scores 0 and the no-context baseline scores the mean
+  distance between two chunks drawn from the set (2·E‖A−y‖ − E‖A−A'‖ averaged over targets y)."""
+  pool_PL = jax.random.normal(jax.random.key(0), (64, 3)) * jnp.array([1.0, 2.0, 0.5])
+  logstd_PL = jnp.full_like(pool_PL, -30.0)
+  mu_BSL = jnp.tile(pool_PL.reshape(1, 64, 3), (8, 1, 1))  # each target 8 times
+  ls_BSL = jnp.full_like(mu_BSL, -30.0)
+  ref = jax.jit(lambda k: losses.reference_energy_losses(mu_BSL, ls_BSL, pool_PL, logstd_PL, k,
+                                                          _head(16, 4)))(jax.random.key(1))
+  want = float(jnp.mean(jnp.linalg.norm(pool_PL[:, None] - pool_PL[None], axis=-1)))
+  np.testing.assert_allclose(ref["baseline_loss"], want, rtol=0.03)
+  np.testing.assert_allclose(ref["oracle_loss"], 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("latent_dim", [1, 8])
+def test_reference_lines_of_gaussians_closed_form(latent_dim):
+  """N(μ_t, σ²I) posteriors: oracle = E‖X−X'‖ = 2σ·Γ((L+1)/2)/Γ(L/2); with two far-apart
+  means in equal shares the baseline adds half the gap, D/2."""
+  sigma, gap, L = 0.3, 40.0, latent_dim
+  mu_PL = jnp.zeros((128, L)).at[::2, 0].set(gap)
+  logstd_PL = jnp.full_like(mu_PL, math.log(sigma))
+  mu_BSL, ls_BSL = mu_PL.reshape(4, 32, L), logstd_PL.reshape(4, 32, L)
+  ref = jax.jit(lambda k: losses.reference_energy_losses(mu_BSL, ls_BSL, mu_PL, logstd_PL, k,
+                                                          _head(16, 16)))(jax.random.key(2))
+  pair = 2 * sigma * math.exp(math.lgamma((L + 1) / 2) - math.lgamma(L / 2))
+  np.testing.assert_allclose(ref["oracle_loss"], pair, rtol=0.03)
+  # 2·E‖X−y‖ − E‖X−X'‖ with X a fair mixture: far pairs contribute the gap, near ones `pair`
+  np.testing.assert_allclose(ref["baseline_loss"], pair + gap / 2, rtol=0.03)
+
+
+def test_normalised_score_is_0_for_a_context_free_head_and_1_for_the_oracle():
+  """Heads drawn independently of the reference lines: one from the set's marginal, one from the
+  true posterior, scored by the same energy loss as training."""
+  kp, kmu, ks = jax.random.split(jax.random.key(3), 3)
+  mu_PL = 2.0 * jax.random.normal(kmu, (256, 4))
+  logstd_PL = jnp.log(jax.random.uniform(ks, (256, 4), minval=0.2, maxval=0.6))
+  mu_BSL, ls_BSL = mu_PL.reshape(8, 32, 4), logstd_PL.reshape(8, 32, 4)
+  head = _head(8, 16)
+  refs = {k: float(v) for k, v in losses.reference_energy_losses(
+      mu_BSL, ls_BSL, mu_PL, logstd_PL, jax.random.key(4), head).items()}
+  assert refs["baseline_loss"] > refs["oracle_loss"] + 1.0
+
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(5), 4)
+  y_MBSL = mu_BSL + jnp.exp(ls_BSL) * jax.random.normal(k1, (16, 8, 32, 4))
+  pick = jax.random.randint(k2, (8, 8, 32), 0, 256)
+  marginal_NBSL = mu_PL[pick] + jnp.exp(logstd_PL[pick]) * jax.random.normal(k3, (8, 8, 32, 4))
+  posterior_NBSL = mu_BSL + jnp.exp(ls_BSL) * jax.random.normal(k4, (8, 8, 32, 4))
+  score = lambda x: float(losses.normalised_score(
+      -jnp.mean(losses.energy_score(x, y_MBSL, 1.0)), **refs))
+  assert abs(score(marginal_NBSL)) < 0.05
+  assert abs(score(posterior_NBSL) - 1.0) < 0.05
+  assert score(jnp.broadcast_to(mu_BSL.mean((0, 1)), (8, 8, 32, 4))) < 0  # one mean latent
+

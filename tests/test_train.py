@@ -87,6 +87,36 @@ def test_calm_stage_rejects_mismatched_autoencoder(ae_run, tmp_path):
     trainer.train(tiny(tmp_path / "none", "stage=calm"), progress=False)
 
 
+def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp_path):
+  """Every CALM eval carries baseline, oracle and the normalised score (metrics.jsonl, history);
+  `calm.evaluate` recomputes the same numbers from the checkpoint."""
+  from calm import evaluate
+  from calm.tokenizer import get_tokenizer
+  ae_cfg, _ = ae_run
+  cfg = tiny(tmp_path / "calm", "stage=calm", f"train.autoencoder={ae_cfg.run_dir}",
+             "train.steps=4", "train.eval_every=2")
+  result = trainer.train(cfg, progress=False)
+  assert [e["step"] for e in result.eval_history] == [2, 4]
+  first, last = result.eval_history
+  assert first["baseline_loss"] == last["baseline_loss"] > last["oracle_loss"] > 0
+  for ev in result.eval_history:
+    want = (ev["baseline_loss"] - ev["loss"]) / (ev["baseline_loss"] - ev["oracle_loss"])
+    np.testing.assert_allclose(ev["norm_score"], want, rtol=1e-6)
+  rows = [json.loads(x) for x in (pathlib.Path(cfg.run_dir) / "metrics.jsonl").read_text()
+          .splitlines()]
+  logged = [r for r in rows if "eval/norm_score" in r]
+  assert [r["step"] for r in logged] == [2, 4] and "eval/oracle_loss" in logged[-1]
+  assert list((pathlib.Path(cfg.run_dir) / "tb").iterdir())
+
+  loaded = checkpoint.load_for_inference(cfg.run_dir, expect_stage="calm")
+  ae = checkpoint.load_for_inference(ae_cfg.run_dir, expect_stage="autoencoder")
+  tok = get_tokenizer(config.replace(cfg, **{"data.tokenizer": f"{ae_cfg.run_dir}/tokenizer.json"}),
+                      cfg.run_dir, train_if_missing=False)
+  energy = evaluate.energy_report(cfg, loaded, ae.model, tok, cfg.data.eval)
+  for k in ("loss", "baseline_loss", "oracle_loss", "norm_score"):
+    np.testing.assert_allclose(energy[k], last[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def test_ar_stage_resumes_exactly_after_sigkill(tmp_path):
   """Straight 2N steps == N steps, SIGKILL, resume to 2N: same losses, data order and params."""
   n = 3
