@@ -177,3 +177,15 @@ def energy_references(ae_graphdef, ae_params, batches: list[jax.Array], keys: li
 def with_references(ev: dict[str, float], refs: dict[str, float]) -> dict[str, float]:
   """CALM eval metrics plus the reference lines and the normalised score of `ev["loss"]`."""
   return {**ev, **refs, "norm_score": float(losses.normalised_score(ev["loss"], **refs))}
+
+
+def learning_summary(run_dir: str | pathlib.Path) -> str:
+  """One line: a CALM run's normalised score at its first and last evaluation."""
+  ev = [r for r in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl") if "eval/norm_score" in r]
+  if not ev:
+    return f"{run_dir}: no CALM evaluation with reference lines in metrics.jsonl"
+  a, b = ev[0], ev[-1]
+  return (f"CALM normalised score {a['eval/norm_score']:+.3f} at step {a['step']} -> "
+          f"{b['eval/norm_score']:+.3f} at step {b['step']} (energy loss {b['eval/loss']:.3f}; "
+          f"no-context baseline {b['eval/baseline_loss']:.3f} = 0, oracle "
+          f"{b['eval/oracle_loss']:.3f} = 1)")

@@ -1,6 +1,8 @@
 """Plots training / evaluation curves of runs from their metrics.jsonl.
 
   python scripts/plot_curves.py --out docs/ae_curve.png runs/ae_gutenberg:train/loss,eval/token_acc
+  python scripts/plot_curves.py --out docs/calm.png \
+      runs/calm:eval/loss+eval/baseline_loss+eval/oracle_loss,eval/norm_score
 """
 
 import argparse
@@ -34,13 +36,17 @@ def main(argv=None) -> int:
   panels: dict[str, list[tuple[str, list, list]]] = {}
   for spec in args.specs:
     run, keys = spec.rsplit(":", 1)
-    for key in keys.split(","):
-      xs, ys = series(pathlib.Path(run), key)
-      panels.setdefault(key, []).append((pathlib.Path(run).name, xs, ys))
+    for panel in keys.split(","):  # "a+b" draws keys a and b in one panel
+      for key in panel.split("+"):
+        xs, ys = series(pathlib.Path(run), key)
+        label = pathlib.Path(run).name + ("" if key == panel else f" {key.split('/')[-1]}")
+        panels.setdefault(panel, []).append((label, xs, ys))
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
   for ax, (key, lines) in zip(axes[0], panels.items()):
     for name, xs, ys in lines:
-      ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=name)
+      ref = name.endswith(("baseline_loss", "oracle_loss"))  # reference lines dashed
+      ax.plot(xs, ys, "--" if ref else "-", marker=None if ref or len(xs) >= 40 else ".",
+              label=name)
     ax.set_xlabel("step")
     ax.set_title(key)
     if args.logy:

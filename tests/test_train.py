@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calm import checkpoint, config, sharding, stages, trainer
+from calm import checkpoint, config, metrics, sharding, stages, trainer
 from calm import paths, run as run_lib
 from calm.config import MeshConfig
 from calm.errors import CalmError, CheckpointError
@@ -107,6 +107,8 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
   logged = [r for r in rows if "eval/norm_score" in r]
   assert [r["step"] for r in logged] == [2, 4] and "eval/oracle_loss" in logged[-1]
   assert list((pathlib.Path(cfg.run_dir) / "tb").iterdir())
+  line = metrics.learning_summary(cfg.run_dir)
+  assert f"{first['norm_score']:+.3f} at step 2 -> {last['norm_score']:+.3f} at step 4" in line
 
   loaded = checkpoint.load_for_inference(cfg.run_dir, expect_stage="calm")
   ae = checkpoint.load_for_inference(ae_cfg.run_dir, expect_stage="autoencoder")
