@@ -61,7 +61,10 @@ def test_evaluate_writes_table_and_json(runs, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "BrierLM" in r.stdout and "normalised score" in r.stdout
   result = json.loads(out.read_text())
-  assert result["energy"]["baseline_loss"] > result["energy"]["oracle_loss"]
+  e = result["energy"]
+  assert e["oracle_loss"] > 0 and e["baseline_loss"] > 0
+  assert e["norm_score"] == pytest.approx((e["baseline_loss"] - e["loss"])
+                                          / (e["baseline_loss"] - e["oracle_loss"]))
   text = json.dumps(result)
   for key in ("block_tokens", "chunk_size", "scored_positions", "documents", "seed"):
     assert key in text
