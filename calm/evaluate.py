@@ -275,13 +275,14 @@ def _ae_batch(params, ids_BT, key, *, graphdef, chunk_size, sigmas):
 def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
   """Held-out CALM energy loss with its reference lines and normalised score, on the blocks the
   training evaluation uses (the first train.eval_batches × train.batch_size blocks of
-  data.block_tokens tokens of `source`, same keys), so it matches the run's last eval line."""
+  data.block_tokens tokens of `source`, same keys), so it matches the run's last eval line;
+  raise train.eval_batches for a tighter estimate."""
   from calm import config, data, losses, metrics, rng
 
   rc = loaded.config
   bs, block = rc.train.batch_size, rc.data.block_tokens
   blocks = data.eval_blocks(config.replace(cfg, **{"data.block_tokens": block}), tok, None, source)
-  n = min((len(blocks) // bs) * bs, rc.train.eval_batches * bs)
+  n = min((len(blocks) // bs) * bs, cfg.train.eval_batches * bs)
   if n == 0:
     raise ConfigError(f"train.batch_size: {source} has {len(blocks)} blocks of {block} tokens, "
                       f"fewer than one batch of {bs}")

@@ -1,13 +1,15 @@
 """CALM recipe study at fixed training compute: one factor at a time from a base recipe.
 
-  python scripts/recipe_study.py [--budget-tflop 5.15] [--only base,lr3e-3] [--out runs/study]
+  python scripts/recipe_study.py [--base-steps 150 | --budget-tflop T] [--only base,lr3e-3]
+      [--out runs/study]
 
 Every variant trains CALM (and, where its autoencoder differs, that autoencoder first) with
 `train.py` on the demo's data, for as many steps as the CALM training FLOPs budget buys at its own
 FLOPs per token (calm/losses.py model_flops_per_token); then `calm.evaluate` scores it. Finished
 runs are reused, so a rerun only adds what is missing. Writes OUT/study.json and OUT/study.md:
-normalised score (first and last eval), held-out energy loss and its reference lines, BrierLM
-with its 95% interval. Raise --budget-tflop (and --ae-steps) to rerun at a larger budget.
+normalised score (first training eval; final one on --eval-batches held-out batches), held-out
+energy loss and its reference lines, BrierLM with its 95% interval. Raise --budget-tflop (and
+--ae-steps) to rerun at a larger budget.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calm import config, losses, metrics  # noqa: E402
+from calm import config, evaluate, losses, metrics, run  # noqa: E402
 
 BASE = "configs/demo.yaml"
 AE_BASE = {"train.lr": 2e-3}
@@ -41,6 +43,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "M100": ({}, {"model.head.num_target_samples": 100}),
     "batch8": ({}, {"train.batch_size": 8}),
     "batch32": ({}, {"train.batch_size": 32}),
+    "ae-half": ({"train.steps": 150}, {}),
     "ae2x": ({"train.steps": 600}, {}),
     "latent16": ({"model.latent_dim": 16}, {"model.latent_dim": 16}),
     "latent64": ({"model.latent_dim": 64}, {"model.latent_dim": 64}),
@@ -59,19 +62,26 @@ def _run(cmd: list[str]) -> None:
   subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
 
+def _finished(run_dir: pathlib.Path, steps: int) -> bool:
+  """A run that already evaluated its last step (training would only resume and stop)."""
+  return any(r["step"] == steps and any(k.startswith("eval/") for k in r)
+             for r in metrics.read_jsonl(run_dir / "metrics.jsonl"))
+
+
 def _last(rows: list[dict], key: str) -> float | None:
   vals = [r[key] for r in rows if key in r]
   return vals[-1] if vals else None
 
 
 def run_variant(name: str, out: pathlib.Path, budget_flop: float, ae_steps: int,
-                eval_docs: int) -> dict:
+                eval_docs: int, eval_batches: int) -> dict:
   ae_over, calm_over = VARIANTS[name]
   ae_over = {"train.steps": ae_steps, **AE_BASE, **ae_over}
   tag = hashlib.sha1(json.dumps(ae_over, sort_keys=True).encode()).hexdigest()[:8]
   ae_dir = out / f"ae-{tag}"
-  _run(["train.py", "--config", BASE, "stage=autoencoder", f"run_dir={ae_dir}",
-        *_args(ae_over)])
+  if not _finished(ae_dir, ae_over["train.steps"]):
+    _run(["train.py", "--config", BASE, "stage=autoencoder", f"run_dir={ae_dir}",
+          *_args(ae_over)])
   model_over = {k: v for k, v in ae_over.items() if k in MODEL_KEYS}
   over = {**model_over, **calm_over}
   cfg = config.load(ROOT / BASE, ["stage=calm", *_args(over)])
@@ -79,14 +89,21 @@ def run_variant(name: str, out: pathlib.Path, budget_flop: float, ae_steps: int,
   flop_per_token = losses.model_flops_per_token(cfg)
   steps = max(1, round(budget_flop / (flop_per_token * tokens_per_step)))
   run_dir = out / name
-  _run(["train.py", "--config", BASE, "stage=calm", f"run_dir={run_dir}",
-        f"train.autoencoder={ae_dir}", f"train.steps={steps}",
-        f"train.eval_every={max(1, steps // 6)}", f"checkpoint.every={steps}",
-        f"train.warmup_steps={min(cfg.train.warmup_steps, steps // 10)}", *_args(over)])
-  _run(["-m", "calm.evaluate", "--config", str(run_dir / "config.yaml"), "--out",
-        str(run_dir / "brierlm.json"), f"eval.max_documents={eval_docs}"])
+  if not _finished(run_dir, steps):
+    _run(["train.py", "--config", BASE, "stage=calm", f"run_dir={run_dir}",
+          f"train.autoencoder={ae_dir}", f"train.steps={steps}",
+          f"train.eval_every={max(1, steps // 6)}", f"checkpoint.every={steps}",
+          f"train.warmup_steps={min(cfg.train.warmup_steps, steps // 5)}", *_args(over)])
+  if not (run_dir / "brierlm.json").is_file():
+    _run(["-m", "calm.evaluate", "--config", str(run_dir / "config.yaml"), "--out",
+          str(run_dir / "brierlm.json"), f"eval.max_documents={eval_docs}"])
   ev = [r for r in metrics.read_jsonl(run_dir / "metrics.jsonl") if "eval/norm_score" in r]
   brier = json.loads((run_dir / "brierlm.json").read_text())
+  # the final energy numbers on more held-out batches than training evaluates (less noise)
+  ecfg = run.load_config(run_dir / "config.yaml", [f"train.eval_batches={eval_batches}"])
+  r = run.load(ecfg, stages_allowed=("calm",))
+  brier["energy"] = evaluate.energy_report(ecfg, r.loaded, r.autoencoder.model, r.tokenizer,
+                                           ecfg.data.eval)
   ae_rows = metrics.read_jsonl(ae_dir / "metrics.jsonl")
   return {"name": name, "autoencoder": ae_over, "calm": over, "steps": steps,
           "tokens": steps * tokens_per_step, "flop": steps * tokens_per_step * flop_per_token,
@@ -120,14 +137,17 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="runs/study")
   ap.add_argument("--only", default="", help="comma-separated variants (default all)")
   ap.add_argument("--budget-tflop", type=float, default=0.0,
-                  help="CALM training FLOPs per variant (default: the base recipe's 300 steps)")
+                  help="CALM training FLOPs per variant (default: --base-steps of the base)")
+  ap.add_argument("--base-steps", type=int, default=150, help="base recipe steps in the budget")
   ap.add_argument("--ae-steps", type=int, default=300, help="base autoencoder training steps")
   ap.add_argument("--eval-docs", type=int, default=400, help="held-out paragraphs for BrierLM")
+  ap.add_argument("--eval-batches", type=int, default=32,
+                  help="held-out batches for the final energy loss and normalised score")
   args = ap.parse_args(argv)
   out = ROOT / args.out
   out.mkdir(parents=True, exist_ok=True)
   base = config.load(ROOT / BASE, ["stage=calm"])
-  budget = args.budget_tflop * 1e12 or (base.train.steps * base.train.batch_size
+  budget = args.budget_tflop * 1e12 or (args.base_steps * base.train.batch_size
                                         * base.data.block_tokens * losses.model_flops_per_token(base))
   names = [n for n in args.only.split(",") if n] or list(VARIANTS)
   unknown = set(names) - set(VARIANTS)
@@ -135,7 +155,7 @@ def main(argv=None) -> int:
     print(f"error: unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     return 2
   for name in names:
-    result = run_variant(name, out, budget, args.ae_steps, args.eval_docs)
+    result = run_variant(name, out, budget, args.ae_steps, args.eval_docs, args.eval_batches)
     (out / name / "result.json").write_text(json.dumps(result, indent=2))
     # every finished variant, also those of other invocations sharing OUT
     rows = [json.loads((out / n / "result.json").read_text()) for n in VARIANTS
