@@ -119,13 +119,12 @@ def table(rows: list[dict]) -> str:
   out = ["| variant | change | steps | tokens | AE acc | norm. score (first → last) | "
          "energy loss (baseline / oracle) | BrierLM [95% CI] |", "|---" * 8 + "|"]
   for r in rows:
-    change = ", ".join(_args({**r["calm"], **{f"ae:{k}": v for k, v in r["autoencoder"].items()
-                                              if (k, v) not in AE_BASE.items()
-                                              and k != "train.steps"}})) or "-"
-    if r["autoencoder"].get("train.steps") != rows[0]["autoencoder"].get("train.steps"):
-      change += f", ae:train.steps={r['autoencoder']['train.steps']}"
+    ae = {f"ae:{k}": v for k, v in r["autoencoder"].items()
+          if k not in r["calm"] and r["autoencoder"] != rows[0]["autoencoder"]
+          and v != rows[0]["autoencoder"].get(k)}
+    change = ", ".join(_args({**r["calm"], **ae})) or "-"
     lo, hi = r["brierlm_ci95"]
-    out.append(f"| {r['name']} | {change.strip(', ')} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | "
+    out.append(f"| {r['name']} | {change} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | "
                f"{r['ae_token_acc']:.3f} | {r['norm_score_first']:+.3f} → {r['norm_score']:+.3f} | "
                f"{r['loss']:.3f} ({r['baseline_loss']:.3f} / {r['oracle_loss']:.3f}) | "
                f"{r['brierlm']:.3f} [{lo:.3f}, {hi:.3f}] |")
