@@ -5,7 +5,7 @@
 
 Every variant trains CALM (and, where its autoencoder differs, that autoencoder first) with
 `train.py` on the demo's data, for as many steps as the CALM training FLOPs budget buys at its own
-FLOPs per token (calm/losses.py model_flops_per_token); then `calm.evaluate` scores it. Finished
+FLOPs per token (calm/metrics.py model_flops_per_token); then `calm.evaluate` scores it. Finished
 runs are reused, so a rerun only adds what is missing. Writes OUT/study.json and OUT/study.md:
 normalised score (first training eval; final one on --eval-batches held-out batches), held-out
 energy loss and its reference lines, BrierLM with its 95% interval. Raise --budget-tflop (and
@@ -24,7 +24,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calm import config, evaluate, losses, metrics, run  # noqa: E402
+from calm import config, evaluate, metrics, run  # noqa: E402
 
 BASE = "configs/demo.yaml"
 AE_BASE = {"train.lr": 2e-3}
@@ -86,7 +86,7 @@ def run_variant(name: str, out: pathlib.Path, budget_flop: float, ae_steps: int,
   over = {**model_over, **calm_over}
   cfg = config.load(ROOT / BASE, ["stage=calm", *_args(over)])
   tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
-  flop_per_token = losses.model_flops_per_token(cfg)
+  flop_per_token = metrics.model_flops_per_token(cfg)
   steps = max(1, round(budget_flop / (flop_per_token * tokens_per_step)))
   run_dir = out / name
   if not _finished(run_dir, steps):
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
   out = ROOT / args.out
   out.mkdir(parents=True, exist_ok=True)
   base = config.load(ROOT / BASE, ["stage=calm"])
-  budget = args.budget_tflop * 1e12 or (args.base_steps * base.train.batch_size
-                                        * base.data.block_tokens * losses.model_flops_per_token(base))
+  base_tokens = args.base_steps * base.train.batch_size * base.data.block_tokens
+  budget = args.budget_tflop * 1e12 or base_tokens * metrics.model_flops_per_token(base)
   names = [n for n in args.only.split(",") if n] or list(VARIANTS)
   unknown = set(names) - set(VARIANTS)
   if unknown:
