@@ -179,6 +179,14 @@ def with_references(ev: dict[str, float], refs: dict[str, float]) -> dict[str, f
   return {**ev, **refs, "norm_score": float(losses.normalised_score(ev["loss"], **refs))}
 
 
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+  """The rows of a metrics.jsonl ([] when it does not exist)."""
+  p = pathlib.Path(path)
+  if not p.exists():
+    return []
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
 def learning_summary(run_dir: str | pathlib.Path) -> str:
   """One line: a CALM run's normalised score at its first and last evaluation."""
   ev = [r for r in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl") if "eval/norm_score" in r]
