@@ -110,6 +110,11 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
   line = metrics.learning_summary(cfg.run_dir)
   assert f"{first['norm_score']:+.3f} at step 2 -> {last['norm_score']:+.3f} at step 4" in line
 
+  # other heads' losses are not energy losses: no reference lines
+  flow = tiny(tmp_path / "flow", "stage=calm", f"train.autoencoder={ae_cfg.run_dir}",
+              "train.steps=2", "model.head.kind=flow")
+  assert "norm_score" not in trainer.train(flow, progress=False).eval_history[-1]
+
   r = run_lib.load(cfg, stages_allowed=("calm",))
   energy = evaluate.energy_report(cfg, r.loaded, r.autoencoder.model, r.tokenizer, cfg.data.eval)
   for k in ("loss", "baseline_loss", "oracle_loss", "norm_score"):
