@@ -24,7 +24,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calm import config, evaluate, metrics, run  # noqa: E402
+from calm import config, evaluate, metrics, paths, run  # noqa: E402
 
 BASE = "configs/demo.yaml"
 AE_BASE = {"train.lr": 2e-3}
@@ -100,7 +100,7 @@ def run_variant(name: str, out: pathlib.Path, budget_flop: float, ae_steps: int,
   ev = [r for r in metrics.read_jsonl(run_dir / "metrics.jsonl") if "eval/norm_score" in r]
   brier = json.loads((run_dir / "brierlm.json").read_text())
   # the final energy numbers on more held-out batches than training evaluates (less noise)
-  ecfg = run.load_config(run_dir / "config.yaml", [f"train.eval_batches={eval_batches}"])
+  ecfg = paths.load_config(run_dir / "config.yaml", [f"train.eval_batches={eval_batches}"])
   r = run.load(ecfg, stages_allowed=("calm",))
   brier["energy"] = evaluate.energy_report(ecfg, r.loaded, r.autoencoder.model, r.tokenizer,
                                            ecfg.data.eval)
