@@ -74,6 +74,13 @@ class ModelConfig:
   chunk_size: int = 4
   latent_dim: int = 128
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+  # Activation memory policy of every backbone layer, AE block and head block in training:
+  # none = keep everything; minimal = keep the outputs of weight matmuls, recompute the rest
+  # (norms, activations, attention scores); full = keep only each block's input.
+  remat: Literal["none", "minimal", "full"] = "none"
+  # Causal self-attention: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA elsewhere;
+  # xla = plain softmax(QKᵀ)V; chunked = XLA, queries in blocks (no [T, T] per head at once).
+  attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
   tie_ar_embeddings: bool = False
   autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
   backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -101,7 +108,8 @@ class DataConfig:
 class TrainConfig:
   """Optimisation and the loop."""
 
-  batch_size: int = 8  # global sequences per step
+  batch_size: int = 8  # global sequences per optimizer step
+  grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
   steps: int = 1000
   lr: float = 3e-4
   warmup_steps: int = 1000
@@ -407,6 +415,8 @@ def validate(cfg: Config) -> None:
   _require(bool(d.separator), "data.separator", "must not be empty")
   t = cfg.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+  _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+           f"must be >= 1 and divide train.batch_size {t.batch_size}, got {t.grad_accum}")
   _require(t.steps >= 0, "train.steps", "must be >= 0")
   _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number")
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -57,18 +57,53 @@ def energy_score(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float) -> jax.Array
   return energy_terms(x_NBSL, y_MBSL, beta)[0]
 
 
+# Randomness of the stage losses is drawn row by row: `key` is either one key (split into one
+# key per batch row by `row_keys`) or already a batch of row keys [B]. The trainer passes
+# fold_in(step key, global row), so a row sees the same noise whatever the micro-batching,
+# accumulation or device count.
+
+
+def _is_key_batch(key: jax.Array) -> bool:
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
+
+
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+  """One key per batch row: `key` itself if it is already [rows] keys, else fold_in(key, row)."""
+  if _is_key_batch(key):
+    if key.shape[0] != rows:
+      raise ValueError(f"{key.shape[0]} row keys for a batch of {rows} rows")
+    return key
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows, dtype=jnp.uint32))
+
+
+def split_rows(keys_B: jax.Array, num: int) -> list[jax.Array]:
+  """`num` independent batches of row keys from one."""
+  parts = jax.vmap(lambda k: jax.random.split(k, num))(keys_B)
+  return [parts[:, i] for i in range(num)]
+
+
+def draw_rows(keys_B: jax.Array, draw, shape: tuple[int, ...], axis: int = 0) -> jax.Array:
+  """draw(key, row_shape) row by row; the row axis of `shape` is `axis`."""
+  row_shape = shape[:axis] + shape[axis + 1:]
+  return jnp.moveaxis(jax.vmap(lambda k: draw(k, row_shape))(keys_B), 0, axis)
+
+
 def token_dropout(ids: jax.Array, key: jax.Array, p: float) -> jax.Array:
-  """Replaces each id by 0 with probability p."""
+  """Replaces each id by 0 with probability p (key: one key or one per row of ids)."""
   if p <= 0.0:
     return ids
-  return jnp.where(jax.random.bernoulli(key, p, ids.shape), jnp.zeros_like(ids), ids)
+  drop = draw_rows(row_keys(key, ids.shape[0]), lambda k, s: jax.random.bernoulli(k, p, s),
+                   ids.shape)
+  return jnp.where(drop, jnp.zeros_like(ids), ids)
 
 
 def latent_dropout(z: jax.Array, key: jax.Array, p: float) -> jax.Array:
   """Inverted dropout: zero with probability p, survivors scaled by 1/(1−p)."""
   if p <= 0.0:
     return z
-  keep = jax.random.bernoulli(key, 1.0 - p, z.shape)
+  keep = draw_rows(row_keys(key, z.shape[0]), lambda k, s: jax.random.bernoulli(k, 1.0 - p, s),
+                   z.shape)
   return jnp.where(keep, z / (1.0 - p), jnp.zeros_like(z))
 
 
@@ -100,10 +135,11 @@ def autoencoder_loss(ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
                      ) -> tuple[jax.Array, Metrics]:
   """K·CE + w·KL with token dropout on the input and dropout on the sampled latent."""
   a = cfg.autoencoder
-  k_tok, k_eps, k_drop = jax.random.split(key, 3)
+  k_tok, k_eps, k_drop = split_rows(row_keys(key, ids_BT.shape[0]), 3)
   ids_BSK = _chunks(ids_BT, cfg.chunk_size)
   mu, logstd = ae.encode(token_dropout(ids_BSK, k_tok, a.token_dropout))
-  z = mu + jnp.exp(logstd) * jax.random.normal(k_eps, mu.shape, mu.dtype)
+  z = mu + jnp.exp(logstd) * draw_rows(k_eps, lambda k, s: jax.random.normal(k, s, mu.dtype),
+                                       mu.shape)
   logits = ae.decode(latent_dropout(z, k_drop, a.latent_dropout))
   ce, correct = cross_entropy(logits, ids_BSK)
   ce, kl = jnp.mean(ce), jnp.mean(kl_per_chunk(mu, logstd, a.kl_clamp))
@@ -122,18 +158,22 @@ def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
   against chunk i+1; `ae` receives no gradient.
   """
   h = cfg.head
-  k_noise, k_eps = jax.random.split(key)
+  k_noise, k_eps = split_rows(row_keys(key, ids_BT.shape[0]), 2)
   ids_BSK = _chunks(ids_BT, cfg.chunk_size)
   mu, logstd = jax.lax.stop_gradient(ae.encode(ids_BSK[:, 1:]))
   num_targets = h.num_target_samples if h.kind == "energy" else h.num_samples
-  y_MBSL = mu + jnp.exp(logstd) * jax.random.normal(
-      k_eps, (num_targets, *mu.shape), jnp.float32)
+  y_MBSL = mu + jnp.exp(logstd) * draw_rows(
+      k_eps, lambda k, s: jax.random.normal(k, s, jnp.float32),
+      (num_targets, *mu.shape), axis=1)
   hid, _ = model.hidden(ids_BSK[:, :-1])
-  if h.kind != "energy":
-    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise)
+  if h.kind != "energy":  # these heads draw their noise for the batch from one key
+    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise[0])
     loss = jnp.mean(loss_NBS)
     return loss, {"loss": loss, **extra}
-  x_NBSL = model.sample(hid, k_noise, h.num_samples)
+  noise_NBSU = draw_rows(
+      k_noise, lambda k, s: jax.random.uniform(k, s, jnp.float32, -0.5, 0.5),
+      (h.num_samples, *hid.shape[:-1], h.noise_dim), axis=1)
+  x_NBSL = model.head(hid, noise_NBSU)
   score, dxx, dxy = energy_terms(x_NBSL, y_MBSL, h.beta)
   loss = -jnp.mean(score)
   return loss, {"loss": loss, "energy_score": jnp.mean(score), "dist_xx": jnp.mean(dxx),

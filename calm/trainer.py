@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import (checkpoint, config, data, distributed, metrics, paths, rng, run,
+from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
                   sharding, stages)
 from calm.config import Config
 from calm.errors import CalmError, ConfigError
@@ -34,27 +34,61 @@ def make_optimizer(t: config.TrainConfig) -> optax.GradientTransformation:
   )
 
 
+def micro_batches(x_B: jax.Array, n: int) -> jax.Array:
+  """[B, ...] → [n, B/n, ...]: micro-batch i holds rows i, i+n, i+2n, … .
+
+  Strided rows keep every micro-batch spread over all the devices that hold the batch (rows are
+  sharded in contiguous blocks), so no data moves between them.
+  """
+  b = x_B.shape[0]
+  if b % n:
+    raise ValueError(f"batch of {b} rows does not split into {n} micro-batches")
+  return jnp.swapaxes(x_B.reshape(b // n, n, *x_B.shape[1:]), 0, 1)
+
+
 def build_step_fns(stage: stages.Stage, graphdef, tx: optax.GradientTransformation,
-                   ae_graphdef=None):
-  """Pure (params, opt_state, ids, key, ae_params) → new state + metrics, and an eval fn."""
+                   ae_graphdef=None, grad_accum: int = 1):
+  """Pure (params, opt_state, ids, key, ae_params) → new state + metrics, and an eval fn.
+
+  With `grad_accum` = n > 1 the batch is split into n micro-batches (`micro_batches`) whose
+  gradients and metrics are averaged in a scan before one optimizer update. Every row draws its
+  loss noise from fold_in(key, row) (`losses.row_keys`), so the step equals the one without
+  accumulation.
+  """
 
   def merge_ae(ae_params):
     return None if ae_graphdef is None else nnx.merge(ae_graphdef, ae_params)
 
   def train_step(params, opt_state, ids_BT, key, ae_params):
     ae = merge_ae(jax.lax.stop_gradient(ae_params) if ae_params is not None else None)
+    keys_B = losses.row_keys(key, ids_BT.shape[0])
 
-    def loss_fn(p):
-      return stage.loss(nnx.merge(graphdef, p), ae, ids_BT, key)
+    def loss_fn(p, ids, keys):
+      return stage.loss(nnx.merge(graphdef, p), ae, ids, keys)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(params, ids_BT, keys_B)
+    else:
+      ids_NBT, keys_NB = micro_batches(ids_BT, grad_accum), micro_batches(keys_B, grad_accum)
+
+      def accumulate(carry, xs):
+        (l, a), g = grad_fn(params, *xs)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      shapes = jax.eval_shape(grad_fn, params, ids_NBT[0], keys_NB[0])
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                           (shapes[0][0], shapes[0][1], shapes[1]))
+      total, _ = jax.lax.scan(accumulate, zeros, (ids_NBT, keys_NB))
+      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, total)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step never touches the state; the loop then stops or skips (train.on_nan).
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+    out = {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
     return keep(new_params, params), keep(new_opt, opt_state), out
 
   def eval_step(params, ids_BT, key, ae_params):
@@ -93,8 +127,9 @@ class Setup:
   def lower(self):
     """The training step lowered for this state (nothing runs)."""
     key = jax.eval_shape(lambda: rng.stream(0, rng.TRAIN))
-    return self.train_step.lower(self.params, self.opt_state, self.abstract_batch(), key,
-                                 self.ae_params)
+    with jax.set_mesh(self.mesh):  # kernels that run per shard (splash attention) read the mesh
+      return self.train_step.lower(self.params, self.opt_state, self.abstract_batch(), key,
+                                   self.ae_params)
 
   @property
   def num_params(self) -> int:
@@ -118,9 +153,11 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   stage = stages.get_stage(cfg)
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.train.batch_size % batch_shards:
-    raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
-                      f"{batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % batch_shards:
+    raise ConfigError(f"train.batch_size: the micro-batch of {cfg.train.batch_size} / "
+                      f"{cfg.train.grad_accum} (train.grad_accum) = {micro} is not divisible by "
+                      f"the {batch_shards} batch shards of mesh {dict(mesh.shape)}")
   tx = make_optimizer(cfg.train)
   build = lambda: stages.build_model(cfg)
   ae_graphdef = ae_params = ae_dir = None
@@ -144,7 +181,7 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   param_sh, opt_sh = shardings_of(params), shardings_of(opt_state)
   ae_sh = None if ae_params is None else shardings_of(ae_params)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_step, eval_step = build_step_fns(stage, graphdef, tx, ae_graphdef)
+  train_step, eval_step = build_step_fns(stage, graphdef, tx, ae_graphdef, cfg.train.grad_accum)
   train_step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh, repl, ae_sh),
                        out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
   eval_step = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl, ae_sh),
@@ -188,7 +225,7 @@ class LogHook:
     self.every, self.logger, self.bar = cfg.train.log_every, logger, bar
     self.flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage,
                                                         cfg.data.block_tokens)
-    self.peak = cfg.train.peak_flops or metrics.measure_peak_flops()
+    self.peak = cfg.train.peak_flops or metrics.measure_peak_flops(dtype=cfg.model.dtype)
     self.tokens_per_step = cfg.train.batch_size * cfg.data.block_tokens
     self.clock = metrics.Throughput()
     self.window: list[dict] = []

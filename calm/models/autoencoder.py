@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from calm.config import ModelConfig
-from calm.models.layers import Embedding, Linear, RMSNorm, SwiGLU
+from calm.models.layers import Embedding, Linear, RMSNorm, SwiGLU, remat, rows
 
 
 class AEBlock(nnx.Module):
@@ -39,6 +39,7 @@ class Autoencoder(nnx.Module):
     a, K, L, dt = cfg.autoencoder, cfg.chunk_size, cfg.latent_dim, cfg.dtype
     d = a.hidden_dim
     self.chunk_size, self.latent_dim = K, L
+    self.remat = cfg.remat
     self.embed = Embedding(cfg.vocab_size, d, dtype=dt, rngs=rngs)
     # blocks [0, split) act per token, [split, n) per chunk (encoder); mirrored in the decoder
     self.enc_split, self.dec_split = a.num_encoder_layers // 2, a.num_decoder_layers // 2
@@ -53,23 +54,25 @@ class Autoencoder(nnx.Module):
 
   def encode(self, ids_BSK: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Token chunks → (μ, log σ), each [B, S, L], float32."""
+    run = lambda block, x: rows(remat(lambda block, x: block(x), self.remat)(block, rows(x)))
     x_BSKD = self.embed(ids_BSK)
     for block in self.enc_blocks[:self.enc_split]:
-      x_BSKD = block(x_BSKD)
+      x_BSKD = run(block, x_BSKD)
     x_BSD = self.squeeze(x_BSKD.reshape(*x_BSKD.shape[:-2], -1))
     for block in self.enc_blocks[self.enc_split:]:
-      x_BSD = block(x_BSD)
+      x_BSD = run(block, x_BSD)
     out_BS2L = self.to_latent(self.enc_norm(x_BSD)).astype(jnp.float32)
     return out_BS2L[..., :self.latent_dim], out_BS2L[..., self.latent_dim:]
 
   def decode_hidden(self, z_BSL: jax.Array) -> jax.Array:
     """Latents → final normalised hidden state per token [B, S, K, D]."""
+    run = lambda block, x: rows(remat(lambda block, x: block(x), self.remat)(block, rows(x)))
     x_BSD = self.from_latent(z_BSL)
     for block in self.dec_blocks[:self.dec_split]:
-      x_BSD = block(x_BSD)
+      x_BSD = run(block, x_BSD)
     x_BSKD = self.expand(x_BSD).reshape(*x_BSD.shape[:-1], self.chunk_size, -1)
     for block in self.dec_blocks[self.dec_split:]:
-      x_BSKD = block(x_BSKD)
+      x_BSKD = run(block, x_BSKD)
     return self.dec_norm(x_BSKD)
 
   def decode(self, z_BSL: jax.Array) -> jax.Array:

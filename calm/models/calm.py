@@ -9,7 +9,8 @@ from flax import nnx
 from calm.config import ModelConfig
 from calm.models.diffusion_head import DiffusionHead
 from calm.models.flow_head import FlowHead
-from calm.models.layers import Embedding, LayerNorm, Linear, compute_dtype, zeros_init
+from calm.models.layers import (Embedding, LayerNorm, Linear, compute_dtype, remat, rows,
+                               zeros_init)
 from calm.models.transformer import KVCache, Transformer
 
 
@@ -64,6 +65,7 @@ class EnergyHead(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     h, d, L, dt = cfg.head, cfg.backbone.hidden_dim, cfg.latent_dim, cfg.dtype
     self.noise_dim = h.noise_dim
+    self.remat = cfg.remat
     self.noise_in = Linear(h.noise_dim, d, ("noise", "embed"), use_bias=True, dtype=dt, rngs=rngs)
     self.hidden_in = Linear(d, d, (None, "embed"), use_bias=True, dtype=dt, rngs=rngs)
     self.noise_norm = LayerNorm(d, h.norm_eps, rngs=rngs)
@@ -78,12 +80,18 @@ class EnergyHead(nnx.Module):
 
   def __call__(self, h_D: jax.Array, noise_U: jax.Array) -> jax.Array:
     """h [..., D] and noise [N..., ..., U] (broadcastable leading dims) → z [..., L] float32."""
-    x = self.noise_norm(self.noise_in(noise_U))
+    # Every piece that runs once per noise sample is rematerialised (model.remat): with N
+    # samples per position they hold most of the head's activations.
+    embed = remat(lambda head, u: head.noise_norm(head.noise_in(u)), self.remat)
+    run = remat(lambda block, x, c: block(x, c), self.remat)
+    readout = remat(lambda head, x: head.out_fc2(jax.nn.silu(head.out_fc1(head.out_norm(x)))),
+                    self.remat)
+    b = max(noise_U.ndim - 3, 0)  # the batch axis of the samples [N..., B, S, U]
+    x = rows(embed(self, noise_U), b)
     y = self.hidden_norm(self.hidden_in(h_D))
     for block in self.blocks:
-      x = block(x, block.condition(y))
-    z = self.out_fc2(jax.nn.silu(self.out_fc1(self.out_norm(x))))
-    return z.astype(jnp.float32)
+      x = rows(run(block, x, block.condition(y)), b)
+    return readout(self, x).astype(jnp.float32)
 
   calls_per_sample = 1
 
@@ -113,7 +121,8 @@ class CALM(nnx.Module):
     self.head_kind = cfg.head.kind
     self.embed = Embedding(cfg.vocab_size, cfg.backbone.hidden_dim, dtype=cfg.dtype, rngs=rngs)
     self.compress = InputCompression(cfg, rngs=rngs)
-    self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, rngs=rngs)
+    self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, remat=cfg.remat,
+                                attention=cfg.attention, rngs=rngs)
     setattr(self, f"{self.head_kind}_head", HEADS[self.head_kind](cfg, rngs=rngs))
 
   @property

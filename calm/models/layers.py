@@ -8,12 +8,45 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from calm import sharding
+
 Initializer = Callable[..., jax.Array]
 AxisNames = Sequence[str | None]
 
 default_init: Initializer = nnx.initializers.normal(stddev=0.02)
 zeros_init: Initializer = nnx.initializers.zeros_init()
 ones_init: Initializer = nnx.initializers.ones_init()
+
+
+REMAT_POLICIES = {
+    # keep matmul-with-weights outputs and attention outputs; recompute norms, activations and
+    # the attention scores, which cost little compute but much memory
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention")),
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's inputs
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+  """`fn(module, *args)` rematerialised in training under a `model.remat` policy name."""
+  if policy == "none":
+    return fn
+
+  def wrapped(module: nnx.Module, *args):
+    graphdef, state = nnx.split(module)  # modules are read-only in the forward pass
+    pure = lambda state, *args: fn(nnx.merge(graphdef, state), *args)
+    return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, *args)
+
+  return wrapped
+
+
+def rows(x: jax.Array, axis: int = 0) -> jax.Array:
+  """Pins an activation to the batch layout: dimension `axis` over the mesh's batch shards,
+  the rest whole (left to XLA, a sharded matmul may instead gather activations across devices)."""
+  names = [None] * x.ndim
+  names[axis] = "batch"
+  return sharding.constrain(x, names)
 
 
 def compute_dtype(name: str | jnp.dtype) -> jnp.dtype:

@@ -7,9 +7,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from calm.config import BackboneConfig
-from calm.models.layers import RMSNorm, SwiGLU, compute_dtype, default_init, param
+from calm.models import attention
+from calm.models.layers import (RMSNorm, SwiGLU, compute_dtype, default_init, param, remat,
+                               rows)
 
 
 @jax.tree_util.register_dataclass
@@ -97,7 +100,7 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads and RoPE; no biases."""
 
-  def __init__(self, cfg: BackboneConfig, *, dtype: str, rngs: nnx.Rngs):
+  def __init__(self, cfg: BackboneConfig, *, dtype: str, impl: str = "auto", rngs: nnx.Rngs):
     d, n, kv, h = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q = param(rngs, default_init, (d, n, h), ("embed", "heads", "head_dim"))
     self.k = param(rngs, default_init, (d, kv, h), ("embed", "kv_heads", "head_dim"))
@@ -105,6 +108,7 @@ class Attention(nnx.Module):
     self.o = param(rngs, default_init, (n, h, d), ("heads", "head_dim", "embed"))
     self.theta = cfg.rope_theta
     self.dtype = compute_dtype(dtype)
+    self.impl = impl  # model.attention; resolved against the backend when traced
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, kv_cache=None):
     """kv_cache: None (causal self-attention), (k, v, length_B, layer) with k, v the whole
@@ -116,7 +120,9 @@ class Attention(nnx.Module):
     k_BTKH = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions_BT, self.theta)
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     if kv_cache is None:
-      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True)
+      impl = attention.resolve(self.impl, dt)
+      out_BTNH = checkpoint_name(attention.causal_attention(q_BTNH, k_BTKH, v_BTKH, impl),
+                                 "attention")  # kept by model.remat=minimal
       new_cache = None
     elif isinstance(kv_cache[0], BranchCache):
       out_BTNH, k_all, v_all = _branch_attention(q_BTNH, k_BTKH, v_BTKH, *kv_cache)
@@ -139,9 +145,10 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
   """x + attn(norm(x)); x + mlp(norm(x))."""
 
-  def __init__(self, cfg: BackboneConfig, *, dtype: str, rngs: nnx.Rngs):
+  def __init__(self, cfg: BackboneConfig, *, dtype: str, attention: str = "auto",
+               rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps, rngs=rngs)
-    self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg, dtype=dtype, impl=attention, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps, rngs=rngs)
     self.mlp = SwiGLU(cfg.hidden_dim, cfg.ffn_dim, dtype=dtype, rngs=rngs)
 
@@ -154,10 +161,12 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
   """Stack of decoder layers followed by the final RMSNorm (like HF `LlamaModel`)."""
 
-  def __init__(self, cfg: BackboneConfig, *, dtype: str = "float32", rngs: nnx.Rngs):
+  def __init__(self, cfg: BackboneConfig, *, dtype: str = "float32", remat: str = "none",
+               attention: str = "auto", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = compute_dtype(dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+    self.remat = remat  # model.remat, applied per layer in the cache-free (training) forward
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, attention=attention, rngs=rngs)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps, rngs=rngs)
 
@@ -190,8 +199,9 @@ class Transformer(nnx.Module):
       positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     x_BTD = x_BTD.astype(self.dtype)
     if cache is None:
+      run = remat(lambda layer, x, pos: layer(x, pos)[0], self.remat)
       for layer in self.layers:
-        x_BTD, _ = layer(x_BTD, positions_BT)
+        x_BTD = rows(run(layer, rows(x_BTD), positions_BT))
       return self.norm(x_BTD), None
     k, v = cache.k, cache.v
     for i, layer in enumerate(self.layers):

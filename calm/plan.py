@@ -1,0 +1,245 @@
+"""Will a configuration fit? Compile its training step without running it and report per chip.
+
+  python -m calm.plan --config configs/calm_m.yaml stage=calm --topology v5e:2x2
+  python -m calm.plan --config configs/tiny.yaml --devices 8
+
+Nothing is materialised: parameters, optimizer state and the batch are abstract (shapes and
+shardings from the config), so no trained autoencoder, tokenizer or data is needed. With
+`--topology` the step is compiled by libtpu for that TPU slice on this machine (install the `tpu`
+extra); without it, for the local devices. Prints memory per chip (arguments, temporaries, total
+against the chip's HBM), FLOPs per step and chip, the compiler's estimated step time and the MFU
+it implies, the FLOPs against the same step without remat, and a verdict. A step that does not
+fit exits with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Sequence
+
+from calm.errors import CalmError, cli
+
+GiB = 2**30
+
+# Per chip: (HBM bytes, peak dense bf16 FLOP/s) from the vendors' spec sheets.
+CHIPS = {
+    "TPU v4": (32 * GiB, 275e12),
+    "TPU v5 lite": (16 * GiB, 197e12),  # v5e
+    "TPU v5e": (16 * GiB, 197e12),
+    "TPU v5": (95 * 10**9, 459e12),  # v5p
+    "TPU v5p": (95 * 10**9, 459e12),
+    "TPU v6 lite": (32 * GiB, 918e12),  # v6e
+    "TPU v6e": (32 * GiB, 918e12),
+    "NVIDIA H100 80GB HBM3": (80 * 10**9, 989e12),
+    "NVIDIA H200": (141 * 10**9, 989e12),
+    "NVIDIA A100-SXM4-80GB": (80 * 10**9, 312e12),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+  """One compiled step, per chip."""
+
+  devices: int
+  device_kind: str
+  mesh: dict
+  params: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  hbm_bytes: float | None  # None: unknown (e.g. the host CPU)
+  flops: float  # compiled, per chip per optimizer step
+  model_flops: float  # the model's own count (metrics.model_flops_per_token), per chip
+  est_seconds: float | None  # compiler's estimate, when it gives one
+  peak_flops: float | None
+  compile_seconds: float
+  attention: str = ""  # the implementation compiled
+  flops_no_remat: float | None = None
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
+
+  @property
+  def mfu(self) -> float | None:
+    if not self.est_seconds or not self.peak_flops:
+      return None
+    return self.model_flops / (self.est_seconds * self.peak_flops)
+
+
+def _devices(topology: str | None, num: int | None):
+  import jax
+
+  if topology:
+    try:
+      from jax.experimental import topologies
+      topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # libtpu missing or an unknown topology name
+      raise CalmError(f"--topology {topology}: cannot describe this TPU slice ({_first_line(e)}); "
+                      f"it needs libtpu: pip install -e '.[tpu]'") from None
+    devices = list(topo.devices)
+  else:
+    devices = jax.devices()
+  if num is not None:
+    if num > len(devices):
+      raise CalmError(f"--devices {num}: only {len(devices)} devices are available")
+    devices = devices[:num]
+  return devices
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _chip(device, hbm_gib: float | None) -> tuple[float | None, float | None]:
+  hbm, peak = CHIPS.get(device.device_kind, (None, None))
+  if hbm_gib is not None:
+    hbm = hbm_gib * GiB
+  elif hbm is None:
+    try:
+      hbm = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # topology devices and some backends have no memory stats
+      hbm = None
+  return hbm, peak
+
+
+def compile_step(cfg, devices):
+  """(compiled train step, parameter count, mesh, seconds): the trainer's abstract setup over
+  `devices`, lowered and compiled."""
+  import jax
+
+  from calm import sharding, trainer
+
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  s = trainer.setup(cfg, mesh=mesh, abstract=True)
+  t = time.perf_counter()
+  lowered = s.lower()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses steps that cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise CalmError(f"does not fit: {_first_line(e).split(': ', 1)[-1]} "
+                    f"(stage={cfg.stage} remat={cfg.model.remat} attention="
+                    f"{cfg.model.attention}, {cfg.train.batch_size // cfg.train.grad_accum} x "
+                    f"{cfg.data.block_tokens} tokens per micro-batch over {len(devices)} "
+                    f"devices)") from None
+  return compiled, s.num_params, mesh, time.perf_counter() - t
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def plan(cfg, devices, *, hbm_gib: float | None = None, baseline: bool = True) -> Plan:
+  """Compiles `cfg`'s training step for `devices` and measures it (see the module docstring)."""
+  from calm import config, metrics
+
+  from calm.models import attention
+  if cfg.model.attention == "auto":  # for the target devices, not this host
+    impl = attention.resolve("auto", cfg.model.dtype, devices[0].platform)
+    cfg = config.replace(cfg, **{"model.attention": impl})
+  compiled, n_params, mesh, seconds = compile_step(cfg, devices)
+  mem = compiled.memory_analysis()
+  cost = _cost(compiled)
+  hbm, peak = _chip(devices[0], hbm_gib)
+  tokens = cfg.train.batch_size * cfg.data.block_tokens
+  est = cost.get("optimal_seconds")
+  p = Plan(devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+           params=n_params, argument_bytes=mem.argument_size_in_bytes,
+           output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+           temp_bytes=mem.temp_size_in_bytes, hbm_bytes=hbm, flops=float(cost.get("flops", 0.0)),
+           model_flops=metrics.model_flops_per_token(cfg) * tokens / len(devices),
+           est_seconds=float(est) if est and est > 0 else None, peak_flops=peak,
+           compile_seconds=seconds, attention=cfg.model.attention)
+  if cfg.model.remat == "none":
+    p.flops_no_remat = p.flops
+  elif baseline:
+    ref, *_ = compile_step(config.replace(cfg, **{"model.remat": "none"}), devices)
+    p.flops_no_remat = float(_cost(ref).get("flops", 0.0)) or None
+  return p
+
+
+def report(cfg, p: Plan) -> str:
+  g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.2f} MiB"
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  rows = [
+      f"config      stage={cfg.stage} dtype={cfg.model.dtype} remat={cfg.model.remat} "
+      f"attention={p.attention} params={p.params / 1e6:.1f}M",
+      f"batch       {cfg.train.batch_size} x {cfg.data.block_tokens} tokens per step = "
+      f"{cfg.train.grad_accum} micro-batches of {micro} "
+      f"({micro / (p.mesh['data'] * p.mesh['fsdp']):g} x {cfg.data.block_tokens} per chip)",
+      f"devices     {p.devices} x {p.device_kind}, mesh {p.mesh}",
+      f"compile     {p.compile_seconds:.1f} s",
+      f"memory      arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - aliased "
+      f"{g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} = {g(p.total_bytes)} per chip"
+      + (f" of {g(p.hbm_bytes)} HBM ({p.total_bytes / p.hbm_bytes:.0%})" if p.hbm_bytes else ""),
+      f"flops       {_flops(p.flops)} per chip per step (compiled); model {_flops(p.model_flops)}",
+  ]
+  if p.flops_no_remat:
+    rows.append(f"remat cost  {p.flops / p.flops_no_remat:.3f}x the FLOPs of the step without "
+                f"remat ({_flops(p.flops_no_remat)})")
+  if p.est_seconds:
+    mfu = f", MFU {p.mfu:.1%} of {p.peak_flops / 1e12:.0f} TFLOP/s" if p.mfu else ""
+    rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate){mfu}")
+  rows.append(verdict(p))
+  return "\n".join(rows)
+
+
+def _flops(f: float) -> str:
+  return f"{f / 1e12:.2f} TFLOP" if f >= 1e11 else f"{f / 1e9:.3f} GFLOP"
+
+
+def verdict(p: Plan) -> str:
+  if p.hbm_bytes is None:
+    return f"verdict     {p.total_bytes / GiB:.2f} GiB per chip; no memory limit known here"
+  spare = p.hbm_bytes - p.total_bytes
+  if spare >= 0:
+    return f"verdict     fits: {spare / GiB:.2f} GiB to spare per chip"
+  return (f"verdict     does not fit: {p.total_bytes / GiB:.2f} GiB per chip needed, "
+          f"{p.hbm_bytes / GiB:.2f} GiB available ({-spare / GiB:.2f} GiB over)")
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", help="YAML config file (defaults if omitted)")
+  ap.add_argument("--topology", help="TPU slice to compile for, e.g. v5e:2x2 or v5p:2x2x1")
+  ap.add_argument("--devices", type=int, help="use the first N devices")
+  ap.add_argument("--hbm-gib", type=float, help="memory per chip to plan against")
+  ap.add_argument("--no-baseline", action="store_true",
+                  help="skip the compile without remat (no FLOPs ratio)")
+  ap.add_argument("overrides", nargs="*", metavar="key=value")
+  args = ap.parse_args(argv)
+  from calm import config
+  cfg = config.load(args.config, args.overrides)
+  import jax
+  if args.topology:
+    jax.config.update("jax_platforms", "cpu")  # compile for the slice; nothing runs
+  elif args.devices:
+    try:  # fake devices on a CPU host; too late once a backend is up (then use what exists)
+      jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:
+      pass
+  devices = _devices(args.topology, args.devices)
+  p = plan(cfg, devices, hbm_gib=args.hbm_gib, baseline=not args.no_baseline)
+  print(report(cfg, p))
+  if not p.fits:
+    raise CalmError(verdict(p).split(None, 1)[1])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
