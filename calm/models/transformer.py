@@ -6,11 +6,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
 
 from calm.config import BackboneConfig
-from calm.models import attention
+from calm.models.attention import causal_attention, resolve
 from calm.models.layers import (RMSNorm, SwiGLU, compute_dtype, default_init, param, remat,
                                rows)
 
@@ -120,8 +120,8 @@ class Attention(nnx.Module):
     k_BTKH = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions_BT, self.theta)
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     if kv_cache is None:
-      impl = attention.resolve(self.impl, dt)
-      out_BTNH = checkpoint_name(attention.causal_attention(q_BTNH, k_BTKH, v_BTKH, impl),
+      impl = resolve(self.impl, dt)
+      out_BTNH = checkpoint_name(causal_attention(q_BTNH, k_BTKH, v_BTKH, impl),
                                  "attention")  # kept by model.remat=minimal
       new_cache = None
     elif isinstance(kv_cache[0], BranchCache):
