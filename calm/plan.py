@@ -59,6 +59,7 @@ class Plan:
   compile_seconds: float
   attention: str = ""  # the implementation compiled
   flops_no_remat: float | None = None
+  baseline_note: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -166,8 +167,11 @@ def plan(cfg, devices, *, hbm_gib: float | None = None, baseline: bool = True) -
   if cfg.model.remat == "none":
     p.flops_no_remat = p.flops
   elif baseline:
-    ref, *_ = compile_step(config.replace(cfg, **{"model.remat": "none"}), devices)
-    p.flops_no_remat = float(_cost(ref).get("flops", 0.0)) or None
+    try:
+      ref, *_ = compile_step(config.replace(cfg, **{"model.remat": "none"}), devices)
+      p.flops_no_remat = float(_cost(ref).get("flops", 0.0)) or None
+    except CalmError:  # the step without remat does not fit: no ratio to report
+      p.baseline_note = "the step without remat does not fit on this chip (no FLOPs ratio)"
   return p
 
 
@@ -190,6 +194,11 @@ def report(cfg, p: Plan) -> str:
   if p.flops_no_remat:
     rows.append(f"remat cost  {p.flops / p.flops_no_remat:.3f}x the FLOPs of the step without "
                 f"remat ({_flops(p.flops_no_remat)})")
+  elif p.baseline_note:
+    rows.append(f"remat cost  {p.baseline_note}")
+  if cfg.train.grad_accum > 1:
+    rows.append("note        XLA's cost analysis counts a loop body once: with train.grad_accum > 1 "
+                "the FLOPs above may be one micro-batch's")
   if p.est_seconds:
     mfu = f", MFU {p.mfu:.1%} of {p.peak_flops / 1e12:.0f} TFLOP/s" if p.mfu else ""
     rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate){mfu}")
