@@ -182,12 +182,15 @@ def test_autoencoder_loss_applies_the_configured_dropouts(cfg):
   loss, _ = jax.jit(lambda st, ids, key: losses.autoencoder_loss(
       nnx.merge(graphdef, st), ids, key, cfg))(state, ids_BT, key)
 
-  k_tok, k_eps, k_drop = jax.random.split(key, 3)
+  # row b draws from split(fold_in(key, b), 3) = (token mask, posterior noise, latent mask)
+  rows = [jax.random.split(jax.random.fold_in(key, b), 3) for b in range(4)]
   ids_BSK = ids_BT.reshape(4, -1, cfg.chunk_size)
-  shape_BSL = (*ids_BSK.shape[:2], cfg.latent_dim)
-  drop_BSK = jax.random.bernoulli(k_tok, a.token_dropout, ids_BSK.shape)
-  keep_BSL = jax.random.bernoulli(k_drop, 1.0 - a.latent_dropout, shape_BSL)
-  eps_BSL = jax.random.normal(k_eps, shape_BSL)
+  shape_SL = (ids_BSK.shape[1], cfg.latent_dim)
+  drop_BSK = jnp.stack([jax.random.bernoulli(r[0], a.token_dropout, ids_BSK.shape[1:])
+                        for r in rows])
+  keep_BSL = jnp.stack([jax.random.bernoulli(r[2], 1.0 - a.latent_dropout, shape_SL)
+                        for r in rows])
+  eps_BSL = jnp.stack([jax.random.normal(r[1], shape_SL) for r in rows])
   assert 0 < float(jnp.mean(drop_BSK)) < 0.5 and 0.5 < float(jnp.mean(keep_BSL)) < 1
   want = _ae_loss_with_masks(ae, ids_BSK, drop_BSK, eps_BSL, keep_BSL, a.latent_dropout, cfg)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
@@ -213,10 +216,12 @@ def test_calm_loss_scores_each_position_against_the_next_chunk(cfg):
       nnx.merge(gd_m, sm), nnx.merge(gd_a, sa), ids, key, cfg))(
           st_m, st_a, ids_BSK.reshape(B, -1), key)
 
-  k_noise, k_eps = jax.random.split(key)
-  noise_NBSU = jax.random.uniform(k_noise, (h.num_samples, B, S - 1, h.noise_dim),
-                                  jnp.float32, -0.5, 0.5)
-  eps_MBSL = jax.random.normal(k_eps, (h.num_target_samples, B, S - 1, cfg.latent_dim))
+  # row b draws from split(fold_in(key, b)) = (head noise, target noise)
+  rows = [jax.random.split(jax.random.fold_in(key, b)) for b in range(B)]
+  noise_NBSU = jnp.stack([jax.random.uniform(r[0], (h.num_samples, S - 1, h.noise_dim),
+                                             jnp.float32, -0.5, 0.5) for r in rows], axis=1)
+  eps_MBSL = jnp.stack([jax.random.normal(r[1], (h.num_target_samples, S - 1, cfg.latent_dim))
+                        for r in rows], axis=1)
   scores = []
   for i in range(S - 1):
     hid_BD = model.hidden(ids_BSK[:, :i + 1])[0][:, -1]
