@@ -14,6 +14,7 @@ from flax import nnx
 
 from calm import config as config_lib
 from calm import convert, losses, sampling
+from calm.convert import names as convert_names
 from calm.models.calm import CALM
 from calm.models.diffusion_head import DiffusionHead
 from calm.models.diffusion_schedule import make_schedule
@@ -34,7 +35,7 @@ def head_config(kind: str, latent: int = 16, hidden: int = 32, blocks: int = 2,
 def load_net(head, weights: dict[str, np.ndarray]) -> None:
   """Official `net.*` tensors (torch layouts) → the head's network, through convert's table."""
   params = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(head, nnx.Param))}
-  names = convert.expand(convert.adaln_table("net", "net"), {k: v.shape for k, v in params.items()})
+  names = convert_names.expand(convert_names.adaln_table("net", "net"), {k: v.shape for k, v in params.items()})
   assert set(names) == set(weights)
   for ref, (path, kind) in names.items():
     w = weights[ref].T if kind == "linear" else weights[ref]

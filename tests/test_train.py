@@ -245,7 +245,7 @@ def heldout_blocks(tmp_path_factory):
 def test_tiny_autoencoder_overfits_real_text_to_full_reconstruction(heldout_blocks):
   cfg, blocks = heldout_blocks
   blocks = blocks[:8]
-  ae, hist = _fit(cfg, "autoencoder", jnp.asarray(blocks), 400, 3e-3)
+  ae, hist = _fit(cfg, "autoencoder", jnp.asarray(blocks), 600, 3e-3)
   ids_BSK = jnp.asarray(blocks).reshape(8, -1, cfg.model.chunk_size)
   mu, _ = ae.encode(ids_BSK)
   acc = float((ae.decode(mu).argmax(-1) == ids_BSK).mean())

@@ -31,3 +31,7 @@ def convert() -> int:
 
 def prepare() -> int:
   return _run("calm.prepare")
+
+
+def plan() -> int:
+  return _run("calm.plan")
