@@ -15,7 +15,7 @@ import numpy as np
 NGRAMS = 4  # Brier-1..4
 
 
-def brier_terms_from_samples(x1_PN: jax.Array, x2_PN: jax.Array, y_PN: jax.Array) -> jax.Array:
+def brier_terms_from_samples(x1_PJ: jax.Array, x2_PJ: jax.Array, y_PJ: jax.Array) -> jax.Array:
   """Per-position Brier-1..4 estimates from two model samples and the truth (any leading dims).
 
   x1, x2: two independent sampled continuations of ≥ 4 tokens from the model at each scored
@@ -30,7 +30,7 @@ def brier_terms_from_samples(x1_PN: jax.Array, x2_PN: jax.Array, y_PN: jax.Array
     eq = (a[..., :NGRAMS] == b[..., :NGRAMS]).astype(jnp.float32)
     return jnp.cumprod(eq, axis=-1)
 
-  return prefix_match(x1_PN, y_PN) + prefix_match(x2_PN, y_PN) - prefix_match(x1_PN, x2_PN)
+  return prefix_match(x1_PJ, y_PJ) + prefix_match(x2_PJ, y_PJ) - prefix_match(x1_PJ, x2_PJ)
 
 
 def brier_terms_from_logits(logits_true_P4V: jax.Array, y_P4: jax.Array,

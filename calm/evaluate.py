@@ -50,15 +50,15 @@ def _groups(n: int, group: int) -> tuple[jax.Array, int]:
   return jnp.minimum(jnp.arange(n_groups * G).reshape(n_groups, G), n - 1), G
 
 
-def _ungroup(x_NBG: jax.Array, n: int) -> jax.Array:
+def _ungroup(x_ABC: jax.Array, n: int) -> jax.Array:
   """[n_groups, B, G, ...] → [B, n, ...] (padding dropped)."""
-  x = jnp.moveaxis(x_NBG, 0, 1)
+  x = jnp.moveaxis(x_ABC, 0, 1)
   return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
 
 
-def _per_position_keys(key: jax.Array, pos_G: jax.Array) -> jax.Array:
+def _per_position_keys(key: jax.Array, pos_C: jax.Array) -> jax.Array:
   """One key per scored position, so draws do not depend on how positions are grouped."""
-  return jax.vmap(lambda p: jax.random.fold_in(key, p))(pos_G)
+  return jax.vmap(lambda p: jax.random.fold_in(key, p))(pos_C)
 
 
 # ----------------------------------------------------------------------------- CALM
@@ -89,13 +89,13 @@ def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array, group: int = 
   h_BSD, cache = calm.hidden(chunks_BSK[:, :-1], cache=cache)
   ks, kc = jax.random.split(key)
 
-  def draw_at(s_G, h_BGD, k):  # two draws for each of B rows at each position in s_G
-    keys_G = _per_position_keys(k, s_G)
-    return jnp.moveaxis(jax.vmap(lambda h, kk: draw(h, kk, 2))(jnp.moveaxis(h_BGD, 1, 0),
-                                                                keys_G), 0, 1)
+  def draw_at(s_C, h_BCD, k):  # two draws for each of B rows at each position in s_C
+    keys_C = _per_position_keys(k, s_C)
+    return jnp.moveaxis(jax.vmap(lambda h, kk: draw(h, kk, 2))(jnp.moveaxis(h_BCD, 1, 0),
+                                                                keys_C), 0, 1)
 
-  s_NG, _ = _groups(S - 1, group)
-  x_BS2K = _ungroup(jax.lax.map(lambda s_G: draw_at(s_G, h_BSD[:, s_G], ks), s_NG), S - 1)
+  s_AC, _ = _groups(S - 1, group)
+  x_BS2K = _ungroup(jax.lax.map(lambda s_C: draw_at(s_C, h_BSD[:, s_C], ks), s_AC), S - 1)
   y_BPT = jnp.stack([chunks_BSK[:, 1 + j:1 + j + P] for j in range(m)], axis=2).reshape(B, P, -1)
   x1_BPT = jnp.stack([x_BS2K[:, j:j + P, 0] for j in range(m)], axis=2).reshape(B, P, -1)
   x2_BPT = jnp.stack([x_BS2K[:, j:j + P, 1] for j in range(m)], axis=2).reshape(B, P, -1)
@@ -107,19 +107,19 @@ def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array, group: int = 
 
   acc_BP4 = cumeq(x1_BPT, y_BPT) + cumeq(x2_BPT, y_BPT)
 
-  def collide(s_G):  # branches (b, s) continue sample 1 after prefix chunks 0..s
-    G = s_G.shape[0]
-    c = BranchCache.create(cache, jnp.broadcast_to(s_G + 1, (B, G)), m - 1)
-    a_list, b_list = [x_BS2K[:, s_G, 0]], [x_BS2K[:, s_G, 1]]
+  def collide(s_C):  # branches (b, s) continue sample 1 after prefix chunks 0..s
+    G = s_C.shape[0]
+    c = BranchCache.create(cache, jnp.broadcast_to(s_C + 1, (B, G)), m - 1)
+    a_list, b_list = [x_BS2K[:, s_C, 0]], [x_BS2K[:, s_C, 1]]
     for j in range(1, m):
       h_R1D, c = calm.hidden(a_list[-1].reshape(B * G, 1, K), cache=c)
-      ab_BG2K = draw_at(s_G, h_R1D.reshape(B, G, -1), jax.random.fold_in(kc, j))
-      a_list.append(ab_BG2K[:, :, 0])
-      b_list.append(ab_BG2K[:, :, 1])
+      ab_BC2K = draw_at(s_C, h_R1D.reshape(B, G, -1), jax.random.fold_in(kc, j))
+      a_list.append(ab_BC2K[:, :, 0])
+      b_list.append(ab_BC2K[:, :, 1])
     return cumeq(jnp.concatenate(a_list, -1), jnp.concatenate(b_list, -1))
 
-  s_NG, _ = _groups(P, group)
-  coll_BP4 = _ungroup(jax.lax.map(collide, s_NG), P)
+  s_AC, _ = _groups(P, group)
+  coll_BP4 = _ungroup(jax.lax.map(collide, s_AC), P)
   return acc_BP4 - coll_BP4, jnp.ones((B, P), bool)
 
 
@@ -143,7 +143,7 @@ def ar_block_scores(model, ids_BT: jax.Array, key: jax.Array, stride: int,
   pos_P = jnp.asarray(ar_positions(T, stride))
   P = pos_P.shape[0]
   h_BTD, cache = model.hidden(ids_BT, cache=model.init_cache(B, T))
-  p_NG, G = _groups(P, group)
+  p_AC, G = _groups(P, group)
 
   def log_softmax(h):
     return jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
@@ -155,27 +155,27 @@ def ar_block_scores(model, ids_BT: jax.Array, key: jax.Array, stride: int,
       (jnp.moveaxis(h_BTD, 1, 0), next_BT.T), batch_size=min(T, G))
   logp_y_BP4 = logp_next_TB.T[:, pos_P[:, None] - 1 + jnp.arange(NGRAMS)]
 
-  def path(i_G):
-    p_G = pos_P[i_G]
-    logp_BGV = log_softmax(h_BTD[:, p_G - 1])
-    c = BranchCache.create(cache, jnp.broadcast_to(p_G, (B, G)), NGRAMS - 1)
+  def path(i_C):
+    p_C = pos_P[i_C]
+    logp_BCV = log_softmax(h_BTD[:, p_C - 1])
+    c = BranchCache.create(cache, jnp.broadcast_to(p_C, (B, G)), NGRAMS - 1)
     lsq, lx = [], []
     for j in range(NGRAMS):
-      lsq.append(jax.nn.logsumexp(2.0 * logp_BGV, axis=-1))
+      lsq.append(jax.nn.logsumexp(2.0 * logp_BCV, axis=-1))
       if j == NGRAMS - 1:
         break
-      V = logp_BGV.shape[-1]
-      gumbel_GBV = jax.vmap(lambda k: jax.random.gumbel(k, (B, V)))(
-          _per_position_keys(jax.random.fold_in(key, j), p_G))
-      x_BG = jnp.argmax(logp_BGV + jnp.moveaxis(gumbel_GBV, 0, 1), axis=-1)
-      lx.append(jnp.take_along_axis(logp_BGV, x_BG[..., None], axis=-1)[..., 0])
-      h_R1D, c = model.hidden(x_BG.reshape(B * G, 1).astype(jnp.int32), cache=c)
-      logp_BGV = log_softmax(h_R1D[:, 0]).reshape(B, G, V)
+      V = logp_BCV.shape[-1]
+      gumbel_CBV = jax.vmap(lambda k: jax.random.gumbel(k, (B, V)))(
+          _per_position_keys(jax.random.fold_in(key, j), p_C))
+      x_BC = jnp.argmax(logp_BCV + jnp.moveaxis(gumbel_CBV, 0, 1), axis=-1)
+      lx.append(jnp.take_along_axis(logp_BCV, x_BC[..., None], axis=-1)[..., 0])
+      h_R1D, c = model.hidden(x_BC.reshape(B * G, 1).astype(jnp.int32), cache=c)
+      logp_BCV = log_softmax(h_R1D[:, 0]).reshape(B, G, V)
     return jnp.stack(lx, -1), jnp.stack(lsq, -1)
 
-  lx_NBG3, lsq_NBG4 = jax.lax.map(path, p_NG)
-  return brier.brier_terms_from_logprobs(logp_y_BP4, _ungroup(lx_NBG3, P),
-                                         _ungroup(lsq_NBG4, P))
+  lx_ABC3, lsq_ABC4 = jax.lax.map(path, p_AC)
+  return brier.brier_terms_from_logprobs(logp_y_BP4, _ungroup(lx_ABC3, P),
+                                         _ungroup(lsq_ABC4, P))
 
 
 # ----------------------------------------------------------------------------- documents

@@ -70,16 +70,16 @@ def build_step_fns(stage: stages.Stage, graphdef, tx: optax.GradientTransformati
     if grad_accum == 1:
       (loss, aux), grads = grad_fn(params, ids_BT, keys_B)
     else:
-      ids_NBT, keys_NB = micro_batches(ids_BT, grad_accum), micro_batches(keys_B, grad_accum)
+      ids_XBT, keys_XB = micro_batches(ids_BT, grad_accum), micro_batches(keys_B, grad_accum)
 
       def accumulate(carry, xs):
         (l, a), g = grad_fn(params, *xs)
         return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-      shapes = jax.eval_shape(grad_fn, params, ids_NBT[0], keys_NB[0])
+      shapes = jax.eval_shape(grad_fn, params, ids_XBT[0], keys_XB[0])
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
                            (shapes[0][0], shapes[0][1], shapes[1]))
-      total, _ = jax.lax.scan(accumulate, zeros, (ids_NBT, keys_NB))
+      total, _ = jax.lax.scan(accumulate, zeros, (ids_XBT, keys_XB))
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, total)
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
@@ -247,8 +247,8 @@ class LogHook:
 class EvalHook:
   """Every `train.eval_every` steps: the stage's metrics averaged over the held-out batches."""
 
-  def __init__(self, s: Setup, blocks_NT: np.ndarray, logger: metrics.MetricsLogger):
-    self.s, self.blocks, self.logger = s, blocks_NT, logger
+  def __init__(self, s: Setup, blocks_QT: np.ndarray, logger: metrics.MetricsLogger):
+    self.s, self.blocks, self.logger = s, blocks_QT, logger
     self.every = s.cfg.train.eval_every
     self.key = rng.stream(s.cfg.seed, rng.EVAL)
     self.history: list[dict] = []

@@ -29,56 +29,56 @@ def resolve(name: str, dtype: jnp.dtype, platform: str | None = None) -> str:
   return "xla"
 
 
-def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+def causal_attention(q_BTHE: jax.Array, k_BTGE: jax.Array, v_BTGE: jax.Array,
                      impl: str) -> jax.Array:
   if impl == "xla":
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+    return jax.nn.dot_product_attention(q_BTHE, k_BTGE, v_BTGE, is_causal=True,
                                         implementation="xla")
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+    return jax.nn.dot_product_attention(q_BTHE, k_BTGE, v_BTGE, is_causal=True,
                                         implementation="cudnn")
   if impl == "chunked":
-    return chunked_attention(q_BTNH, k_BTKH, v_BTKH)
+    return chunked_attention(q_BTHE, k_BTGE, v_BTGE)
   if impl == "splash":
-    return splash_attention(q_BTNH, k_BTKH, v_BTKH)
+    return splash_attention(q_BTHE, k_BTGE, v_BTGE)
   raise ValueError(f"unknown attention implementation {impl!r}")
 
 
-def chunked_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+def chunked_attention(q_BTHE: jax.Array, k_BTGE: jax.Array, v_BTGE: jax.Array,
                       chunk: int = CHUNK) -> jax.Array:
   """XLA attention one block of `chunk` queries at a time, each block rematerialised, so neither
   the forward nor the backward holds more than [B, N, chunk, T] scores."""
-  t0 = q_BTNH.shape[1]
+  t0 = q_BTHE.shape[1]
   if t0 <= chunk:
-    return causal_attention(q_BTNH, k_BTKH, v_BTKH, "xla")
-  q_BTNH, k_BTKH, v_BTKH = (_pad_time(x, chunk) for x in (q_BTNH, k_BTKH, v_BTKH))
-  b, t, n, h = q_BTNH.shape
-  q_CBcNH = jnp.moveaxis(q_BTNH.reshape(b, t // chunk, chunk, n, h), 1, 0)
+    return causal_attention(q_BTHE, k_BTGE, v_BTGE, "xla")
+  q_BTHE, k_BTGE, v_BTGE = (_pad_time(x, chunk) for x in (q_BTHE, k_BTGE, v_BTGE))
+  b, t, n, h = q_BTHE.shape
+  q_CBcNH = jnp.moveaxis(q_BTHE.reshape(b, t // chunk, chunk, n, h), 1, 0)
 
   @jax.checkpoint
   def block(args):
     i, q_BcNH = args
     qpos = i * chunk + jnp.arange(chunk)
     mask_11cT = (jnp.arange(t)[None, :] <= qpos[:, None])[None, None]
-    return jax.nn.dot_product_attention(q_BcNH, k_BTKH, v_BTKH, mask=mask_11cT,
+    return jax.nn.dot_product_attention(q_BcNH, k_BTGE, v_BTGE, mask=mask_11cT,
                                         implementation="xla")
 
   out_CBcNH = jax.lax.map(block, (jnp.arange(t // chunk), q_CBcNH))
   return jnp.moveaxis(out_CBcNH, 0, 1).reshape(b, t, n, h)[:, :t0]
 
 
-def splash_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> jax.Array:
+def splash_attention(q_BTHE: jax.Array, k_BTGE: jax.Array, v_BTGE: jax.Array) -> jax.Array:
   """Pallas splash attention (TPU). Under a mesh (`jax.set_mesh`) it runs per shard: rows over
   ("data", "fsdp") and heads over "tensor", the layout of the surrounding activations."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # TPU-only import
       splash_attention_kernel as sk, splash_attention_mask as sm)
 
-  b, t0, n, h = q_BTNH.shape
-  kv = k_BTKH.shape[2]
-  q_BTNH, k_BTKH, v_BTKH = (_pad_time(x, 128) for x in (q_BTNH, k_BTKH, v_BTKH))
-  t = q_BTNH.shape[1]
-  q_BNTH = jnp.swapaxes(q_BTNH, 1, 2) * jnp.asarray(h ** -0.5, q_BTNH.dtype)
-  k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
+  b, t0, n, h = q_BTHE.shape
+  kv = k_BTGE.shape[2]
+  q_BTHE, k_BTGE, v_BTGE = (_pad_time(x, 128) for x in (q_BTHE, k_BTGE, v_BTGE))
+  t = q_BTHE.shape[1]
+  q_BHTE = jnp.swapaxes(q_BTHE, 1, 2) * jnp.asarray(h ** -0.5, q_BTHE.dtype)
+  k_BGTE, v_BGTE = jnp.swapaxes(k_BTGE, 1, 2), jnp.swapaxes(v_BTGE, 1, 2)
 
   def local(q, k, v):
     heads = q.shape[1]
@@ -95,14 +95,14 @@ def splash_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) ->
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    out_BNTH = local(q_BNTH, k_BKTH, v_BKTH)
+    out_BHTE = local(q_BHTE, k_BGTE, v_BGTE)
   else:
     rows = tuple(a for a in ("data", "fsdp") if b % _size(mesh, ("data", "fsdp")) == 0)
     heads = "tensor" if n % mesh.shape["tensor"] == 0 and kv % mesh.shape["tensor"] == 0 else None
     spec = P(rows or None, heads, None, None)
-    out_BNTH = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                             check_vma=False)(q_BNTH, k_BKTH, v_BKTH)
-  return jnp.swapaxes(out_BNTH, 1, 2)[:, :t0]
+    out_BHTE = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q_BHTE, k_BGTE, v_BGTE)
+  return jnp.swapaxes(out_BHTE, 1, 2)[:, :t0]
 
 
 def _pad_time(x_BT__: jax.Array, multiple: int) -> jax.Array:

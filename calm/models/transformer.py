@@ -45,31 +45,31 @@ class BranchCache:
   length: jax.Array  # [] int32, suffix slots filled (the same for every branch)
 
   @staticmethod
-  def create(prefix: KVCache, prefix_len_BG: jax.Array, suffix_len: int) -> BranchCache:
+  def create(prefix: KVCache, prefix_len_BC: jax.Array, suffix_len: int) -> BranchCache:
     L, B, _, kv, h = prefix.k.shape
-    shape = (L, B, prefix_len_BG.shape[1], suffix_len, kv, h)
+    shape = (L, B, prefix_len_BC.shape[1], suffix_len, kv, h)
     z = jnp.zeros(shape, prefix.k.dtype)
-    return BranchCache(prefix, prefix_len_BG.astype(jnp.int32), z, z, jnp.zeros((), jnp.int32))
+    return BranchCache(prefix, prefix_len_BC.astype(jnp.int32), z, z, jnp.zeros((), jnp.int32))
 
 
-def _branch_attention(q_BTNH, k_BTKH, v_BTKH, cache: BranchCache, layer: int):
+def _branch_attention(q_BTHE, k_BTGE, v_BTGE, cache: BranchCache, layer: int):
   """Attention of branch rows over their shared prefix and own suffix → (out, suffix k, v)."""
   B, G = cache.prefix_len.shape
-  t, n, h = q_BTNH.shape[1:]
-  kv = k_BTKH.shape[2]
-  dt = q_BTNH.dtype
-  q = q_BTNH.reshape(B, G, t, kv, n // kv, h)
+  t, n, h = q_BTHE.shape[1:]
+  kv = k_BTGE.shape[2]
+  dt = q_BTHE.dtype
+  q = q_BTHE.reshape(B, G, t, kv, n // kv, h)
   start = (layer, 0, 0, cache.length, 0, 0)
   k_all = jax.lax.dynamic_update_slice(
-      cache.k, k_BTKH.reshape(1, B, G, t, kv, h).astype(cache.k.dtype), start)
+      cache.k, k_BTGE.reshape(1, B, G, t, kv, h).astype(cache.k.dtype), start)
   v_all = jax.lax.dynamic_update_slice(
-      cache.v, v_BTKH.reshape(1, B, G, t, kv, h).astype(cache.v.dtype), start)
-  kp_BMKH, vp_BMKH = cache.prefix.k[layer].astype(dt), cache.prefix.v[layer].astype(dt)
+      cache.v, v_BTGE.reshape(1, B, G, t, kv, h).astype(cache.v.dtype), start)
+  kp_BWGE, vp_BWGE = cache.prefix.k[layer].astype(dt), cache.prefix.v[layer].astype(dt)
   ks, vs = k_all[layer].astype(dt), v_all[layer].astype(dt)
-  m, s = kp_BMKH.shape[1], ks.shape[2]
+  m, s = kp_BWGE.shape[1], ks.shape[2]
   prec = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dt == jnp.bfloat16 else None
   scale = 1.0 / float(h) ** 0.5
-  pre = jnp.einsum("bgtkrh,bmkh->bgkrtm", q, kp_BMKH, precision=prec,
+  pre = jnp.einsum("bgtkrh,bmkh->bgkrtm", q, kp_BWGE, precision=prec,
                    preferred_element_type=jnp.float32) * scale
   suf = jnp.einsum("bgtkrh,bgskh->bgkrts", q, ks, precision=prec,
                    preferred_element_type=jnp.float32) * scale
@@ -79,22 +79,22 @@ def _branch_attention(q_BTNH, k_BTKH, v_BTKH, cache: BranchCache, layer: int):
   suf_mask = jnp.arange(s)[None, :] <= cache.length + jnp.arange(t)[:, None]  # [t, S]
   suf = jnp.where(suf_mask, suf, big_neg)
   probs = jax.nn.softmax(jnp.concatenate([pre, suf], axis=-1), axis=-1).astype(dt)
-  out = (jnp.einsum("bgkrtm,bmkh->bgtkrh", probs[..., :m], vp_BMKH)
+  out = (jnp.einsum("bgkrtm,bmkh->bgtkrh", probs[..., :m], vp_BWGE)
          + jnp.einsum("bgkrts,bgskh->bgtkrh", probs[..., m:], vs))
   return out.reshape(B * G, t, n, h), k_all, v_all
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, Hugging Face "rotate half" convention (dims i and i+H/2 paired)."""
-  h = x_BTNH.shape[-1]
+  h = x_BTHE.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   cos = jnp.cos(angles_BTF)[..., None, :]
   sin = jnp.sin(angles_BTF)[..., None, :]
-  x = x_BTNH.astype(jnp.float32)
+  x = x_BTHE.astype(jnp.float32)
   x1, x2 = x[..., :h // 2], x[..., h // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  return out.astype(x_BTHE.dtype)
 
 
 class Attention(nnx.Module):
@@ -116,30 +116,30 @@ class Attention(nnx.Module):
     (y_BTD, updated (k, v) or None)."""
     dt = self.dtype
     x = x_BTD.astype(dt)
-    q_BTNH = rope(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)), positions_BT, self.theta)
-    k_BTKH = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions_BT, self.theta)
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    q_BTHE = rope(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)), positions_BT, self.theta)
+    k_BTGE = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions_BT, self.theta)
+    v_BTGE = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
     if kv_cache is None:
       impl = resolve(self.impl, dt)
-      out_BTNH = checkpoint_name(causal_attention(q_BTNH, k_BTKH, v_BTKH, impl),
+      out_BTHE = checkpoint_name(causal_attention(q_BTHE, k_BTGE, v_BTGE, impl),
                                  "attention")  # kept by model.remat=minimal
       new_cache = None
     elif isinstance(kv_cache[0], BranchCache):
-      out_BTNH, k_all, v_all = _branch_attention(q_BTNH, k_BTKH, v_BTKH, *kv_cache)
+      out_BTHE, k_all, v_all = _branch_attention(q_BTHE, k_BTGE, v_BTGE, *kv_cache)
       new_cache = (k_all, v_all)
     else:
       k_all, v_all, length_B, layer = kv_cache
       b, t, m = x.shape[0], x.shape[1], k_all.shape[2]
       slots_BT = length_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
       rows_B1 = jnp.arange(b)[:, None]
-      k_all = k_all.at[layer, rows_B1, slots_BT].set(k_BTKH.astype(k_all.dtype), mode="drop")
-      v_all = v_all.at[layer, rows_B1, slots_BT].set(v_BTKH.astype(v_all.dtype), mode="drop")
+      k_all = k_all.at[layer, rows_B1, slots_BT].set(k_BTGE.astype(k_all.dtype), mode="drop")
+      v_all = v_all.at[layer, rows_B1, slots_BT].set(v_BTGE.astype(v_all.dtype), mode="drop")
       # the query in slot length + t sees slots 0 .. length + t
-      mask_B1TM = (jnp.arange(m)[None, None, :] <= slots_BT[:, :, None])[:, None]
-      out_BTNH = jax.nn.dot_product_attention(
-          q_BTNH, k_all[layer].astype(dt), v_all[layer].astype(dt), mask=mask_B1TM)
+      mask_B1TW = (jnp.arange(m)[None, None, :] <= slots_BT[:, :, None])[:, None]
+      out_BTHE = jax.nn.dot_product_attention(
+          q_BTHE, k_all[layer].astype(dt), v_all[layer].astype(dt), mask=mask_B1TW)
       new_cache = (k_all, v_all)
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(dt)), new_cache
+    return jnp.einsum("btnh,nhd->btd", out_BTHE, self.o[...].astype(dt)), new_cache
 
 
 class DecoderLayer(nnx.Module):
