@@ -431,7 +431,7 @@ class TrainIterator(grain.DatasetIterator):
   valid when the process count changes. Works with `grain.checkpoint.CheckpointSave`.
   """
 
-  def __init__(self, blocks_NT: np.ndarray | shards.TokenBlocks, *, global_batch: int, seed: int, shuffle: bool = True,
+  def __init__(self, blocks_QT: np.ndarray | shards.TokenBlocks, *, global_batch: int, seed: int, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2):
     self._closed = True  # until the grain base is initialised (its __del__ reads this)
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -441,15 +441,15 @@ class TrainIterator(grain.DatasetIterator):
       raise ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
                         f"{process_count} processes")
     self.local_batch = global_batch // process_count
-    self._meta = {"num_blocks": int(blocks_NT.shape[0]), "block_tokens": int(blocks_NT.shape[1]),
+    self._meta = {"num_blocks": int(blocks_QT.shape[0]), "block_tokens": int(blocks_QT.shape[1]),
                   "global_batch": int(global_batch), "seed": int(seed), "shuffle": bool(shuffle)}
     # Shuffle/batch block *indices*, then gather each batch with one fancy index (2x faster
     # than stacking per-block elements for small blocks; same batches).
-    ds = grain.MapDataset.range(blocks_NT.shape[0])
+    ds = grain.MapDataset.range(blocks_QT.shape[0])
     if shuffle:
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None).batch(self.local_batch)[process_index::process_count]
-    ds = ds.map(lambda idx_B: np.asarray(blocks_NT[idx_B], dtype=np.int32))
+    ds = ds.map(lambda idx_B: np.asarray(blocks_QT[idx_B], dtype=np.int32))
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     super().__init__(ds.to_iter_dataset(read).__iter__())
 
