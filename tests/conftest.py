@@ -29,6 +29,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def load_fixture(path: pathlib.Path):
+  """(npz, meta dict) of an official-code fixture; skips the test when it is not present."""
+  import json
+
+  import numpy as np
+
+  if not path.is_file():
+    pytest.skip(f"{path} not present")
+  npz = np.load(path)
+  return npz, json.loads(str(npz["meta"]))
+
+
 @pytest.fixture
 def shared_data() -> pathlib.Path:
   d = SHARED / "data"

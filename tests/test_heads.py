@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, load_fixture
 from flax import nnx
 
 from calm import config as config_lib
@@ -48,10 +48,7 @@ def load_net(head, weights: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def ref():
-  if not FIXTURE.is_file():
-    pytest.skip(f"{FIXTURE} not present")
-  npz = np.load(FIXTURE)
-  meta = json.loads(str(npz["meta"]))
+  npz, meta = load_fixture(FIXTURE)
   cfg = {"latent": meta["latent"], "hidden": meta["hidden"], "blocks": meta["num_mlp_layers"]}
   assert meta["flow"] == {"solver": "midpoint", "steps": 20}  # network calls
   flow = FlowHead(head_config("flow", **cfg, solver="midpoint", flow_steps=10), rngs=nnx.Rngs(0))

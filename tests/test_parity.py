@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
-from conftest import SHARED
+from conftest import SHARED, load_fixture
 
 FIXTURE = SHARED / "fixtures" / "reference_tiny.npz"
 
@@ -99,10 +98,7 @@ def test_fixture_configs_take_each_model_from_its_own_section():
 
 @pytest.fixture(scope="module")
 def ref():
-  if not FIXTURE.is_file():
-    pytest.skip(f"{FIXTURE} not present")
-  npz = np.load(FIXTURE)
-  meta = json.loads(str(npz["meta"]))
+  npz, meta = load_fixture(FIXTURE)
   cfgs = fixture_configs(meta)
   cfg = cfgs["calm"]
   state = load_reference_state(npz, cfgs)

@@ -3,7 +3,6 @@
 import pathlib
 
 import jax
-import pytest
 
 from calm import config, plan
 
