@@ -124,6 +124,11 @@ class TrainConfig:
   peak_flops: float = 0.0  # per device; 0 = measure
   autoencoder: str = ""  # calm stage: run directory of the trained autoencoder
 
+  @property
+  def micro_batch(self) -> int:
+    """Sequences per micro-batch: what one forward pass holds (evaluation runs at this size)."""
+    return self.batch_size // self.grad_accum
+
 
 @dataclass(frozen=True)
 class MeshConfig:

@@ -283,6 +283,7 @@ def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
   bs, block = rc.train.batch_size, rc.data.block_tokens
   blocks = data.eval_blocks(config.replace(cfg, **{"data.block_tokens": block}), tok, None, source)
   n = min((len(blocks) // bs) * bs, cfg.train.eval_batches * bs)
+  bs = rc.train.micro_batch  # evaluated one micro-batch at a time, as in training
   if n == 0:
     raise ConfigError(f"train.batch_size: {source} has {len(blocks)} blocks of {block} tokens, "
                       f"fewer than one batch of {bs}")

@@ -256,7 +256,7 @@ class EvalHook:
 
   def __call__(self, step: int, params: Any) -> None:
     cfg, rows, batches, keys = self.s.cfg, [], [], []
-    for n, i in enumerate(range(0, len(self.blocks), cfg.train.batch_size)):
+    for n, i in enumerate(range(0, len(self.blocks), cfg.train.micro_batch)):
       batches.append(_local_eval_slice(self.blocks, i, cfg, self.s.batch_sharding))
       keys.append(jax.random.fold_in(self.key, n))
       rows.append(jax.device_get(self.s.eval_step(params, batches[-1], keys[-1],
@@ -390,7 +390,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
 
 
 def _local_eval_slice(eval_blocks: np.ndarray, i: int, cfg: Config, batch_sh) -> jax.Array:
-  """The global eval batch starting at block i, built from this process's rows."""
-  n = cfg.train.batch_size // jax.process_count()
+  """The global eval batch (one micro-batch) starting at block i, from this process's rows."""
+  n = cfg.train.micro_batch // jax.process_count()
   lo = i + jax.process_index() * n
   return data.to_global(eval_blocks[lo:lo + n], batch_sh)

@@ -261,3 +261,23 @@ def test_ar_baseline_beats_unigram_entropy(heldout_blocks):
   unigram_entropy = float(-(p * np.log(p)).sum())
   _, hist = _fit(cfg, "ar", jnp.asarray(blocks), 300, 3e-3)
   assert np.mean(hist[-10:]) < unigram_entropy - 1.0, (hist[-10:], unigram_entropy)
+
+
+def test_evaluation_runs_one_micro_batch_at_a_time(tmp_path):
+  """With train.grad_accum = n the held-out batches are micro-batches: the same mean metrics."""
+  from calm import metrics
+
+  blocks = np.random.default_rng(0).integers(3, 500, (32, 64)).astype(np.int32)
+  out, shapes = {}, {}
+  for accum in (1, 2):
+    cfg = tiny(tmp_path / str(accum), "stage=ar", "train.batch_size=16",
+               f"train.grad_accum={accum}")
+    s = trainer.setup(cfg)
+    step, shapes[accum] = s.eval_step, []
+    s.eval_step = lambda p, ids, k, a, step=step, seen=shapes[accum]: (
+        seen.append(ids.shape), step(p, ids, k, a))[1]
+    hook = trainer.EvalHook(s, blocks, metrics.MetricsLogger(tmp_path, enabled=False))
+    hook(1, s.params)
+    out[accum] = hook.history[-1]
+  assert shapes[1] == [(16, 64)] * 2 and shapes[2] == [(8, 64)] * 4
+  assert out[2]["loss"] == pytest.approx(out[1]["loss"], rel=1e-6)
