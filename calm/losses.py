@@ -166,8 +166,8 @@ def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
       k_eps, lambda k, s: jax.random.normal(k, s, jnp.float32),
       (num_targets, *mu.shape), axis=1)
   hid, _ = model.hidden(ids_BSK[:, :-1])
-  if h.kind != "energy":  # these heads draw their noise for the batch from one key
-    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise[0])
+  if h.kind != "energy":  # time and noise of each target draw, row by row
+    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise)
     loss = jnp.mean(loss_NBS)
     return loss, {"loss": loss, **extra}
   noise_NBSU = draw_rows(

@@ -69,13 +69,15 @@ def test_row_keys_do_not_depend_on_the_batch_split():
   assert len({float(r[0, 0]) for r in full}) == 8  # rows differ
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_grad_accumulation_equals_the_full_batch(stage):
+@pytest.mark.parametrize("stage,head", [(s, "energy") for s in STAGES] +
+                         [("calm", "flow"), ("calm", "diffusion")])
+def test_grad_accumulation_equals_the_full_batch(stage, head):
   """4 micro-batches of 2 = one batch of 8: loss, metrics, gradients (SGD with lr 1 makes the
   update the gradient) and parameters after an AdamW step, to float32 noise. The stochastic parts
   stay on (AE token/latent dropout and posterior noise, CALM head noise and target draws): each
-  row's noise depends on its global index only, so both steps draw the same numbers."""
-  cfg = tiny(stage)
+  row's noise depends on its global index only, so both steps draw the same numbers (the flow and
+  diffusion heads' times and noise included)."""
+  cfg = tiny(stage, f"model.head.kind={head}")
   ids = ids_for(cfg)
   grads = {}
   for tx, what in ((optax.sgd(1.0), "grads"), (trainer.make_optimizer(cfg.train), "adamw")):

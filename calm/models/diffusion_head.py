@@ -104,13 +104,19 @@ class DiffusionHead(nnx.Module):
     mse = jnp.mean(jnp.square(noise_L - eps), axis=-1)
     return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-  def loss(self, h_BSD: jax.Array, y_NBSL: jax.Array, key: jax.Array
+  def loss(self, h_BSD: jax.Array, y_NBSL: jax.Array, keys_B: jax.Array
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Diffusion loss [N, B, S] of N target draws per position, t uniform over the steps."""
-    kt, kn = jax.random.split(key)
-    t_NBS = jax.random.randint(kt, y_NBSL.shape[:-1], 0, self.train_steps)
-    noise = jax.random.normal(kn, y_NBSL.shape, jnp.float32)
-    terms = self.training_terms(h_BSD, y_NBSL, t_NBS, noise)
+    """Diffusion loss [N, B, S] of N target draws per position, t uniform over the steps; row
+    b's t and noise come from keys_B[b] (so a row's draws do not depend on the batch split)."""
+    def row(k):
+      kt, kn = jax.random.split(k)
+      shape = (y_NBSL.shape[0], *y_NBSL.shape[2:])
+      return (jax.random.randint(kt, shape[:-1], 0, self.train_steps),
+              jax.random.normal(kn, shape, jnp.float32))
+
+    t_BNS, noise_BNSL = jax.vmap(row)(keys_B)
+    terms = self.training_terms(h_BSD, y_NBSL, jnp.moveaxis(t_BNS, 0, 1),
+                                jnp.moveaxis(noise_BNSL, 0, 1))
     return terms["loss"], {"mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"])}
 
   def step_outputs(self, c_D: jax.Array, x_L: jax.Array, i: jax.Array

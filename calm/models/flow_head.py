@@ -63,13 +63,19 @@ class FlowHead(nnx.Module):
     v = self.velocity(xt, t, c_D)
     return jnp.mean(jnp.square(v - (x1 - x0_L)), axis=-1)
 
-  def loss(self, h_BSD: jax.Array, y_NBSL: jax.Array, key: jax.Array
+  def loss(self, h_BSD: jax.Array, y_NBSL: jax.Array, keys_B: jax.Array
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Flow-matching loss [N, B, S] of N target draws per position, t ~ U[0, 1)."""
-    kt, kx = jax.random.split(key)
-    t_NBS = jax.random.uniform(kt, y_NBSL.shape[:-1], jnp.float32)
-    x0 = jax.random.normal(kx, y_NBSL.shape, jnp.float32)
-    loss_NBS = self.loss_terms(h_BSD, y_NBSL, t_NBS, x0)
+    """Flow-matching loss [N, B, S] of N target draws per position, t ~ U[0, 1); row b's t and
+    noise come from keys_B[b] (so a row's draws do not depend on how the batch is split)."""
+    def row(k):
+      kt, kx = jax.random.split(k)
+      shape = (y_NBSL.shape[0], *y_NBSL.shape[2:])
+      return (jax.random.uniform(kt, shape[:-1], jnp.float32),
+              jax.random.normal(kx, shape, jnp.float32))
+
+    t_BNS, x0_BNSL = jax.vmap(row)(keys_B)
+    loss_NBS = self.loss_terms(h_BSD, y_NBSL, jnp.moveaxis(t_BNS, 0, 1),
+                               jnp.moveaxis(x0_BNSL, 0, 1))
     return loss_NBS, {}
 
   def solve(self, c_D: jax.Array, x0_L: jax.Array) -> jax.Array:
