@@ -283,7 +283,7 @@ def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
   bs, block = rc.train.batch_size, rc.data.block_tokens
   blocks = data.eval_blocks(config.replace(cfg, **{"data.block_tokens": block}), tok, None, source)
   n = min((len(blocks) // bs) * bs, cfg.train.eval_batches * bs)
-  bs = rc.train.micro_batch  # evaluated one micro-batch at a time, as in training
+  micro = rc.train.micro_batch  # evaluated one micro-batch at a time, as in training
   if n == 0:
     raise ConfigError(f"train.batch_size: {source} has {len(blocks)} blocks of {block} tokens, "
                       f"fewer than one batch of {bs}")
@@ -291,7 +291,7 @@ def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
   ae_graphdef, ae_params = nnx.split(ae)
   loss = jax.jit(lambda p, a, ids, key: losses.calm_loss(
       nnx.merge(graphdef, p), nnx.merge(ae_graphdef, a), ids, key, rc.model)[1]["loss"])
-  batches = [jnp.asarray(blocks[i:i + bs]) for i in range(0, n, bs)]
+  batches = [jnp.asarray(blocks[i:i + micro]) for i in range(0, n, micro)]
   keys = [jax.random.fold_in(rng.stream(rc.seed, rng.EVAL), j) for j in range(len(batches))]
   ev = {"loss": float(np.mean([loss(params, ae_params, b, k) for b, k in zip(batches, keys)]))}
   refs = metrics.energy_references(ae_graphdef, ae_params, batches, keys, rc.model)
