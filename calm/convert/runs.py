@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from calm import config as config_lib
+from calm import config as config_lib, pytree
 from calm.config import Config
 from calm.convert.hf_config import (build_config, config_fields, merge_fields, read_config_json,
                                     reference_config)
@@ -23,17 +23,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 # ----------------------------------------------------------------------------- writing runs
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    parts = path.split(".")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return out
 
 
 def _copy_tokenizer(srcs: Sequence[pathlib.Path], dst: pathlib.Path) -> str:
@@ -64,7 +53,7 @@ def write_run(run_dir: str | pathlib.Path, cfg: Config, params: Mapping[str, np.
           "paths": paths.absolute_paths(cfg), "autoencoder": cfg.train.autoencoder,
           "converted_from": source}
   with checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta) as ckpt:
-    ckpt.save_now(0, params=_nest(params))
+    ckpt.save_now(0, params=pytree.nest((tuple(k.split(".")), v) for k, v in params.items()))
   return run_dir
 
 
