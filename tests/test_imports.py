@@ -98,3 +98,13 @@ def test_console_script_reports_a_user_mistake_in_one_line(tmp_path):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                      env=subprocess_env(), cwd=tmp_path)
   assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"
+
+
+def test_entry_points_survive_their_commands_being_imported():
+  import importlib
+
+  import calm.cli
+
+  for name in ("training", "generation"):
+    importlib.import_module(f"calm.cli.{name}")
+  assert all(callable(getattr(calm.cli, n)) for n in ("train", "sample"))

@@ -1,37 +1,24 @@
 """Console entry points (`[project.scripts]` in pyproject.toml): each reports a user mistake as
 one `error: ...` line with exit code 2 (`calm.errors.cli`) and imports its command lazily, so
-`--help` and config errors answer before jax loads."""
+`--help` and config errors answer before jax loads. The commands' modules have names other than
+the entry points', so importing one never replaces an entry point on this package."""
 
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 from calm.errors import cli
 
 
-def _run(module: str) -> int:
-  return cli(importlib.import_module(module).main)()
+def _command(module: str) -> Callable[[], int]:
+  """The console entry point of `module.main`, imported when the command runs."""
+  return lambda: cli(importlib.import_module(module).main)()
 
 
-def train() -> int:
-  return _run("calm.cli.train")
-
-
-def sample() -> int:
-  return _run("calm.cli.sample")
-
-
-def evaluate() -> int:
-  return _run("calm.evaluate")
-
-
-def convert() -> int:
-  return _run("calm.convert")
-
-
-def prepare() -> int:
-  return _run("calm.prepare")
-
-
-def plan() -> int:
-  return _run("calm.plan")
+train = _command("calm.cli.training")
+sample = _command("calm.cli.generation")
+evaluate = _command("calm.evaluate")
+convert = _command("calm.convert")
+prepare = _command("calm.prepare")
+plan = _command("calm.plan")
