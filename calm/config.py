@@ -81,6 +81,10 @@ class ModelConfig:
   # Causal self-attention: auto = cuDNN flash on GPU, Pallas splash on TPU, XLA elsewhere;
   # xla = plain softmax(QKᵀ)V; chunked = XLA, queries in blocks (no [T, T] per head at once).
   attention: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+  # Run the backbone's decoder layers as one lax.scan over their stacked weights: the step
+  # compiles one layer instead of every layer (compile time flat in depth). Parameters and
+  # checkpoints keep one entry per layer either way.
+  scan_layers: bool = False
   tie_ar_embeddings: bool = False
   autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
   backbone: BackboneConfig = field(default_factory=BackboneConfig)

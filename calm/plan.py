@@ -196,9 +196,13 @@ def report(cfg, p: Plan) -> str:
                 f"remat ({_flops(p.flops_no_remat)})")
   elif p.baseline_note:
     rows.append(f"remat cost  {p.baseline_note}")
-  if cfg.train.grad_accum > 1:
-    rows.append("note        XLA's cost analysis counts a loop body once: with train.grad_accum > 1 "
-                "the FLOPs above may be one micro-batch's")
+  loops = [what for what, on in [("one micro-batch (train.grad_accum > 1)",
+                                   cfg.train.grad_accum > 1),
+                                  ("one backbone layer (model.scan_layers)",
+                                   cfg.model.scan_layers)] if on]
+  if loops:
+    rows.append("note        XLA's cost analysis counts a loop body once: the compiled FLOPs above "
+                f"may count only {' and '.join(loops)}")
   if p.est_seconds:
     mfu = f", MFU {p.mfu:.1%} of {p.peak_flops / 1e12:.0f} TFLOP/s" if p.mfu else ""
     rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate){mfu}")

@@ -17,7 +17,7 @@ class ARModel(nnx.Module):
     d = cfg.backbone.hidden_dim
     self.embed = Embedding(cfg.vocab_size, d, dtype=cfg.dtype, rngs=rngs)
     self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, remat=cfg.remat,
-                                attention=cfg.attention, rngs=rngs)
+                                scan=cfg.scan_layers, attention=cfg.attention, rngs=rngs)
     self.lm_head = (None if cfg.tie_ar_embeddings else
                     Linear(d, cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, rngs=rngs))
 

@@ -122,7 +122,7 @@ class CALM(nnx.Module):
     self.embed = Embedding(cfg.vocab_size, cfg.backbone.hidden_dim, dtype=cfg.dtype, rngs=rngs)
     self.compress = InputCompression(cfg, rngs=rngs)
     self.backbone = Transformer(cfg.backbone, dtype=cfg.dtype, remat=cfg.remat,
-                                attention=cfg.attention, rngs=rngs)
+                                scan=cfg.scan_layers, attention=cfg.attention, rngs=rngs)
     setattr(self, f"{self.head_kind}_head", HEADS[self.head_kind](cfg, rngs=rngs))
 
   @property

@@ -162,10 +162,11 @@ class Transformer(nnx.Module):
   """Stack of decoder layers followed by the final RMSNorm (like HF `LlamaModel`)."""
 
   def __init__(self, cfg: BackboneConfig, *, dtype: str = "float32", remat: str = "none",
-               attention: str = "auto", rngs: nnx.Rngs):
+               scan: bool = False, attention: str = "auto", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = compute_dtype(dtype)
     self.remat = remat  # model.remat, applied per layer in the cache-free (training) forward
+    self.scan = scan  # model.scan_layers
     self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, attention=attention, rngs=rngs)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps, rngs=rngs)
@@ -176,6 +177,24 @@ class Transformer(nnx.Module):
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     dt = compute_dtype(dtype) if dtype is not None else self.dtype
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
+
+  def _over_layers(self, fn, x_BTD: jax.Array, carry):
+    """Threads (x, carry) through `fn(layer, x, i, carry)` for every layer i: unrolled, or as one
+    lax.scan over the layers' stacked weights (compiled once, whatever the depth)."""
+    if not self.scan:
+      for i, layer in enumerate(self.layers):
+        x_BTD, carry = fn(layer, x_BTD, i, carry)
+      return x_BTD, carry
+    graphdef = nnx.split(self.layers[0])[0]
+    stacked = jax.tree.map(lambda *w: jnp.stack(w), *(nnx.state(l) for l in self.layers))
+
+    def step(x_carry, xs):
+      state, i = xs
+      return fn(nnx.merge(graphdef, state), x_carry[0], i, x_carry[1]), None
+
+    (x_BTD, carry), _ = jax.lax.scan(step, (x_BTD, carry),
+                                     (stacked, jnp.arange(len(self.layers), dtype=jnp.int32)))
+    return x_BTD, carry
 
   def __call__(self, x_BTD: jax.Array, *, positions_BT: jax.Array | None = None,
                cache: KVCache | BranchCache | None = None
@@ -188,11 +207,11 @@ class Transformer(nnx.Module):
       if positions_BT is None:
         start_R = (cache.prefix_len + cache.length).reshape(-1)
         positions_BT = start_R[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-      x_BTD = x_BTD.astype(self.dtype)
-      k, v = cache.k, cache.v
-      for i, layer in enumerate(self.layers):
-        x_BTD, (k, v) = layer(x_BTD, positions_BT,
-                              (dataclasses.replace(cache, k=k, v=v), i))
+
+      def branch(layer, x, i, kv):
+        return layer(x, positions_BT, (dataclasses.replace(cache, k=kv[0], v=kv[1]), i))
+
+      x_BTD, (k, v) = self._over_layers(branch, x_BTD.astype(self.dtype), (cache.k, cache.v))
       return self.norm(x_BTD), dataclasses.replace(cache, k=k, v=v, length=cache.length + t)
     if positions_BT is None:
       start_B = cache.length if cache is not None else jnp.zeros((b,), jnp.int32)
@@ -200,10 +219,12 @@ class Transformer(nnx.Module):
     x_BTD = x_BTD.astype(self.dtype)
     if cache is None:
       run = remat(lambda layer, x, pos: layer(x, pos)[0], self.remat)
-      for layer in self.layers:
-        x_BTD = rows(run(layer, rows(x_BTD), positions_BT))
+      x_BTD, _ = self._over_layers(
+          lambda layer, x, i, _: (rows(run(layer, rows(x), positions_BT)), None), x_BTD, None)
       return self.norm(x_BTD), None
-    k, v = cache.k, cache.v
-    for i, layer in enumerate(self.layers):
-      x_BTD, (k, v) = layer(x_BTD, positions_BT, (k, v, cache.length, i))
+
+    def cached(layer, x, i, kv):
+      return layer(x, positions_BT, (*kv, cache.length, i))
+
+    x_BTD, (k, v) = self._over_layers(cached, x_BTD, (cache.k, cache.v))
     return self.norm(x_BTD), KVCache(k, v, cache.length + t)
