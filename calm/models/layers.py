@@ -172,9 +172,9 @@ class Embedding(nnx.Module):
     return ids.reshape(-1)[:R].reshape(x_D.shape[:-1])
 
   def attend_argmax_where(self, x_BRD: jax.Array, where_BR: jax.Array, tile: int) -> jax.Array:
-    """`attend_argmax` of the rows where `where_BR`, −1 elsewhere → int32 [B, R]. Only those rows
-    are projected onto the vocabulary: each product takes the next `tile` selected rows of every
-    batch row b (B × tile rows; a batch sharded over devices stays there)."""
+    """`attend_argmax` of the rows where `where_BR`, −1 elsewhere → int32 [B, R]. Only those
+    rows are projected onto the vocabulary: each product takes the next `tile` selected rows of
+    every batch row b (B × tile rows; a batch sharded over devices stays there)."""
     B, R, D = x_BRD.shape
     tile = max(min(tile, R), 2 if B == 1 else 1)  # a one-row product sums in another order
     n = -(-R // tile)
