@@ -160,3 +160,23 @@ def test_score_documents_equal_with_full_decode(tiny, monkeypatch):
   np.testing.assert_array_equal(lazy[0], full[0])
   np.testing.assert_array_equal(lazy[1], full[1])
   assert (full[0] != 0).any()
+
+
+def test_attend_argmax_where_keeps_a_sharded_batch_on_its_devices():
+  """Rows sharded over the batch: no device gathers another's rows (one scalar all-reduce, the
+  loop's trip count), and the ids equal the unsharded ones."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  e = _embed()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  assert len(jax.devices()) > 1
+  B = 2 * len(jax.devices())
+  x_BRD = _tie_rows(e, B * 10).reshape(B, 10, D)
+  where = jnp.asarray(np.random.default_rng(4).random((B, 10)) < 0.5)
+  graphdef, state = nnx.split(e)
+  f = jax.jit(lambda state, x, w: nnx.merge(graphdef, state).attend_argmax_where(x, w, 3))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")))
+  hlo = f.lower(state, put(x_BRD), put(where)).compile().as_text()
+  assert "all-gather" not in hlo and hlo.count("all-reduce(") <= 1
+  np.testing.assert_array_equal(np.asarray(f(state, put(x_BRD), put(where))),
+                                np.asarray(f(state, x_BRD, where)))

@@ -180,12 +180,12 @@ class Embedding(nnx.Module):
     n = -(-R // tile)
     order_BR = jnp.argsort(~where_BR, axis=1, stable=True)  # each row's selected rows first
     order_BR = jnp.pad(order_BR, ((0, 0), (0, n * tile - R)), mode="edge")
-    b_B1 = jnp.arange(B)[:, None]
 
     def step(i, ids_BR):
       rows_Bt = jax.lax.dynamic_slice_in_dim(order_BR, i * tile, tile, axis=1)
-      ids_Bt = self.argmax_rows(x_BRD[b_B1, rows_Bt].reshape(B * tile, D)).reshape(B, tile)
-      return ids_BR.at[b_B1, rows_Bt].set(ids_Bt)
+      x_BtD = jnp.take_along_axis(x_BRD, rows_Bt[..., None], axis=1)
+      ids_Bt = self.argmax_rows(x_BtD.reshape(B * tile, D)).reshape(B, tile)
+      return jax.vmap(lambda ids, rows, new: ids.at[rows].set(new))(ids_BR, rows_Bt, ids_Bt)
 
     count = jnp.max(jnp.sum(where_BR, axis=1, dtype=jnp.int32))
     ids_BR = jax.lax.fori_loop(0, (count + tile - 1) // tile, step, jnp.zeros((B, R), jnp.int32))
