@@ -4,9 +4,12 @@
 
 Random documents of random token ids, cut into blocks of the size's sequence length; tokens/s
 counts the block tokens scored per second (compilation is the first call, timed separately).
-With --vs-train the CALM and AR training steps of the same size (batch × block) are timed
-interleaved with the evaluations, and each evaluation row gets `train_tokens_per_s` and
-`eval_over_train`.
+CALM decodes a sample's token only while it can change a Brier indicator, so its cost depends on
+the model: `calm` (random head output: the two samples rarely share a first token) is the least
+work, `calm_collide` (zero head output: the samples always agree, every token of both is
+decoded) the most; a trained model lies between. With --vs-train the CALM and AR training
+steps of the same size (batch × block) are timed interleaved with the evaluations, and each
+evaluation row gets `train_tokens_per_s` and `eval_over_train`.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ def run(sizes: list[str], rounds: int, vs_train: bool = False) -> list[dict]:
   rows = []
   for name in sizes:
     size = common.SIZES[name]
-    calm, _, ae, ar = build_models(size)
+    calm, peaked, ae, ar = build_models(size)
     rng = np.random.default_rng(0)
     docs = [rng.integers(4, size.model.vocab_size, DOC_TOKENS).astype(np.int32)
             for _ in range(DOCS)]
-    kinds = {"calm": (calm, ae), "ar": (ar,)}
+    kinds = {"calm": ("calm", (calm, ae)), "calm_collide": ("calm", (peaked, ae)),
+             "ar": ("ar", (ar,))}
 
     def score(kind):
-      return evaluate.score_documents(kind, kinds[kind], docs, block_tokens=size.seq,
+      stage, models = kinds[kind]
+      return evaluate.score_documents(stage, models, docs, block_tokens=size.seq,
                                       chunk_size=size.model.chunk_size, batch_size=BATCH,
                                       seed=0, pad_id=0)
     first, positions = {}, {}
@@ -52,10 +57,10 @@ def run(sizes: list[str], rounds: int, vs_train: bool = False) -> list[dict]:
     if vs_train:
       from bench import bench_train
 
-      for kind in kinds:
-        steps[kind] = bench_train.build_step(size, kind)
-        steps[kind].run(1)
-        timers[f"train-{kind}"] = lambda k=kind: steps[k].run(TRAIN_STEPS)
+      for stage in ("calm", "ar"):
+        steps[stage] = bench_train.build_step(size, stage)
+        steps[stage].run(1)
+        timers[f"train-{stage}"] = lambda k=stage: steps[k].run(TRAIN_STEPS)
     times = common.interleave(timers, rounds)
     for kind, secs in ((k, times[k]) for k in kinds):
       t = common.summary(secs)
@@ -64,8 +69,9 @@ def run(sizes: list[str], rounds: int, vs_train: bool = False) -> list[dict]:
                    "seconds": t["median_s"], "spread": t["spread"],
                    "tokens_per_s": DOCS * DOC_TOKENS / t["median_s"],
                    "compile_and_first_s": first[kind]})
-      if kind in steps:
-        train = size.batch * size.seq * TRAIN_STEPS / common.summary(times[f"train-{kind}"])[
+      stage = kinds[kind][0]
+      if stage in steps:
+        train = size.batch * size.seq * TRAIN_STEPS / common.summary(times[f"train-{stage}"])[
             "median_s"]
         rows[-1].update(train_tokens_per_s=train,
                         eval_over_train=rows[-1]["tokens_per_s"] / train)
@@ -73,12 +79,12 @@ def run(sizes: list[str], rounds: int, vs_train: bool = False) -> list[dict]:
 
 
 def print_rows(rows: list[dict]) -> None:
-  print(f"{'size':<6} {'model':<6} {'tokens':>7} {'positions':>9} {'tokens/s':>9} {'first s':>8}"
+  print(f"{'size':<6} {'model':<12} {'tokens':>7} {'positions':>9} {'tokens/s':>9} {'first s':>8}"
         f" {'train tok/s':>11} {'eval/train':>10}")
   for r in rows:
     train = (f" {r['train_tokens_per_s']:>11,.0f} {r['eval_over_train']:>10.2f}"
              if "train_tokens_per_s" in r else "")
-    print(f"{r['size']:<6} {r['model']:<6} {r['documents'] * r['doc_tokens']:>7} "
+    print(f"{r['size']:<6} {r['model']:<12} {r['documents'] * r['doc_tokens']:>7} "
           f"{r['scored_positions']:>9} {r['tokens_per_s']:>9,.0f} {r['compile_and_first_s']:>8.1f}"
           + train)
 

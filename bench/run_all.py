@@ -37,7 +37,7 @@ def _row(rows, **match):
   return None
 
 
-def targets(train: list[dict], gen: list[dict]) -> list[dict]:
+def targets(train: list[dict], gen: list[dict], brier: list[dict]) -> list[dict]:
   """The issue's targets on the tiny size: measured value, goal, met."""
   ref = common.REFERENCE_TINY
   out = []
@@ -65,6 +65,11 @@ def targets(train: list[dict], gen: list[dict]) -> list[dict]:
                                                                    batch=b)
     if c and a:
       add(f"gen CALM T=1 / AR bs{b} ≥ 3", c["tokens_per_s"] / a["tokens_per_s"], 3.0)
+  for model, stage in (("calm", "calm"), ("calm_collide", "calm"), ("ar", "ar")):
+    r = _row(brier, size="tiny", model=model)
+    if r and stage in tr:
+      add(f"BrierLM {model} / {stage} step tokens/s ≥ 1",
+          r["tokens_per_s"] / tr[stage]["tokens_per_s"], 1.0)
   return out
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
   bench_generate.print_rows(gen)
   brier = bench_brier.run(sizes, rounds=1 if args.quick else 2)
   bench_brier.print_rows(brier)
-  tgt = targets(train, gen)
+  tgt = targets(train, gen, brier)
   print(f"\n{'target':<44} {'measured':>10} {'goal':>10}  met")
   for t in tgt:
     print(f"{t['target']:<44} {t['value']:>10,.3g} {t['goal']:>10,.3g}  "

@@ -70,31 +70,43 @@ def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array, group: int = 
 
   Position s reads chunks 0..s and is scored against the next 4 tokens (chunks s+1, …). Two
   samples per position from `draw(h_RD, key, n) → ids [R, n, K]` (default: head samples decoded
-  by argmax). K ≥ 4: x1, x2 are the two samples. K < 4 (m = ⌈4/K⌉ chunks): accuracy terms
-  multiply match indicators of independent samples at positions s, …, s+m−1 on the TRUE prefix
-  (expectation ∏ P(y-chunk | true prefix) = P(y[:n])); the collision term continues along sample
-  1's path from the shared prefix cache, drawing two samples per step (expectation Σ_u P(u)²
-  over n-grams, as in the reference). P = S − m positions; `group` > 0 positions are drawn and
-  continued at once (0 = all); results do not depend on it.
+  by argmax). K ≥ 4: x1, x2 are the two samples; by default a sample's token is decoded only
+  while it can still change an indicator (`decoded_brier`). K < 4 (m = ⌈4/K⌉ chunks): accuracy
+  terms multiply match indicators of independent samples at positions s, …, s+m−1 on the TRUE
+  prefix (expectation ∏ P(y-chunk | true prefix) = P(y[:n])); the collision term continues along
+  sample 1's path from the shared prefix cache, drawing two samples per step (expectation
+  Σ_u P(u)² over n-grams, as in the reference). P = S − m positions; `group` > 0 positions are
+  drawn and continued at once (0 = all); results do not depend on it.
   """
-  if draw is None:
-    draw = functools.partial(decode_candidates, calm, ae)
   B, T = ids_BT.shape
   K = calm.chunk_size
   S = T // K
   m = -(-NGRAMS // K)
   P = S - m
+  lazy = draw is None and m == 1
+  if draw is None:
+    draw = functools.partial(decode_candidates, calm, ae)
   chunks_BSK = ids_BT.reshape(B, S, K)
   cache = calm.init_cache(B, S - 1) if m > 1 else None
   h_BSD, cache = calm.hidden(chunks_BSK[:, :-1], cache=cache)
   ks, kc = jax.random.split(key)
 
-  def draw_at(s_C, h_BCD, k):  # two draws for each of B rows at each position in s_C
+  def draw_at(s_C, h_BCD, k, draw=draw):  # two draws for each of B rows at each position in s_C
     keys_C = _per_position_keys(k, s_C)
     return jnp.moveaxis(jax.vmap(lambda h, kk: draw(h, kk, 2))(jnp.moveaxis(h_BCD, 1, 0),
                                                                 keys_C), 0, 1)
 
   s_AC, _ = _groups(S - 1, group)
+  if lazy:
+    hidden = lambda h, k, n: ae.decode_hidden(calm.draw(h, k, n))  # decode_candidates' states
+    tile = max(1, ae.embed.argmax_tile_rows() // B)
+
+    def score(s_C):
+      hid_BC2KD = draw_at(s_C, h_BSD[:, s_C], ks, hidden)
+      return decoded_brier(ae.embed, hid_BC2KD, chunks_BSK[:, s_C + 1], tile)
+
+    return _ungroup(jax.lax.map(score, s_AC), P), jnp.ones((B, P), bool)
+
   x_BS2K = _ungroup(jax.lax.map(lambda s_C: draw_at(s_C, h_BSD[:, s_C], ks), s_AC), S - 1)
   y_BPT = jnp.stack([chunks_BSK[:, 1 + j:1 + j + P] for j in range(m)], axis=2).reshape(B, P, -1)
   x1_BPT = jnp.stack([x_BS2K[:, j:j + P, 0] for j in range(m)], axis=2).reshape(B, P, -1)
@@ -121,6 +133,29 @@ def calm_block_scores(calm, ae, ids_BT: jax.Array, key: jax.Array, group: int = 
   s_AC, _ = _groups(P, group)
   coll_BP4 = _ungroup(jax.lax.map(collide, s_AC), P)
   return acc_BP4 - coll_BP4, jnp.ones((B, P), bool)
+
+
+def decoded_brier(embed, hid_BC2KD: jax.Array, y_BCK: jax.Array, tile: int) -> jax.Array:
+  """`brier.brier_terms_from_samples` of two samples given as decoder states [B, C, 2, K, D]
+  (their tokens: argmax of `embed.attend`) against the truth y → [B, C, 4].
+
+  Token j of a sample is decoded only while its first j tokens equal y's or the other sample's:
+  otherwise no indicator can change. Each token's vocabulary product runs over just those rows
+  (`attend_argmax_where`, `tile` rows per batch row and product), so the estimates equal the
+  full decode's, ties included.
+  """
+  B, C, _, _, D = hid_BC2KD.shape
+  on_y_BC2 = jnp.ones((B, C, 2), bool)  # prefix of sample i == y's
+  on_x_BC = jnp.ones((B, C), bool)  # prefixes of the two samples equal
+  out = []
+  for j in range(NGRAMS):
+    need_BR = (on_y_BC2 | on_x_BC[..., None]).reshape(B, 2 * C)
+    ids_BR = embed.attend_argmax_where(hid_BC2KD[:, :, :, j].reshape(B, 2 * C, D), need_BR, tile)
+    ids_BC2 = ids_BR.reshape(B, C, 2)
+    on_y_BC2 &= ids_BC2 == y_BCK[:, :, None, j]
+    on_x_BC &= ids_BC2[..., 0] == ids_BC2[..., 1]
+    out.append(jnp.sum(on_y_BC2, -1, dtype=jnp.float32) - on_x_BC.astype(jnp.float32))
+  return jnp.stack(out, -1)
 
 
 # ----------------------------------------------------------------------------- AR baseline
@@ -236,18 +271,26 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
   if group <= 0:
     group = auto_group(kind, batch_size, models[-1].embed.table.shape[0], K)
   key = jax.random.key(seed)
-  out, doc_of = [], []
   n = len(ids)
-  for i in range(0, n, batch_size):
-    batch = np.zeros((batch_size, block_tokens), np.int32) + pad_id
-    take = min(batch_size, n - i)
-    batch[:take] = ids[i:i + take]
-    scores = np.asarray(_score_batch(states, jnp.asarray(batch), jax.random.fold_in(key, i),
-                                     kind=kind, graphdefs=defs, chunk_size=K, group=group))
-    for r in range(take):
+  out, doc_of = [], []
+
+  def collect(i, scores):
+    scores = np.asarray(scores)
+    for r in range(min(batch_size, n - i)):
       valid = first_tok <= lens[i + r]
       out.append(scores[r][valid])
       doc_of.append(np.full(int(valid.sum()), owners[i + r]))
+
+  pending = None  # read a batch back only after the next one is dispatched
+  for i in range(0, n, batch_size):
+    batch = np.zeros((batch_size, block_tokens), np.int32) + pad_id
+    batch[:min(batch_size, n - i)] = ids[i:i + batch_size]
+    scores = _score_batch(states, jnp.asarray(batch), jax.random.fold_in(key, i), kind=kind,
+                          graphdefs=defs, chunk_size=K, group=group)
+    if pending is not None:
+      collect(*pending)
+    pending = (i, scores)
+  collect(*pending)
   return np.concatenate(out), np.concatenate(doc_of)
 
 
