@@ -203,9 +203,11 @@ def report(cfg, p: Plan) -> str:
   if loops:
     rows.append("note        XLA's cost analysis counts a loop body once: the compiled FLOPs above "
                 f"may count only {' and '.join(loops)}")
-  if p.est_seconds:
-    mfu = f", MFU {p.mfu:.1%} of {p.peak_flops / 1e12:.0f} TFLOP/s" if p.mfu else ""
-    rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate){mfu}")
+  if p.est_seconds:  # from the same cost analysis: a loop's body is counted once
+    mfu = (f", MFU {p.mfu:.1%} of {p.peak_flops / 1e12:.0f} TFLOP/s" if p.mfu and not loops
+           else "")
+    rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate"
+                f"{', loop bodies counted once' if loops else ''}){mfu}")
   rows.append(verdict(p))
   return "\n".join(rows)
 

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import pathlib
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 from flax import nnx
 
@@ -53,12 +53,15 @@ def frozen_autoencoder(cfg: Config, mesh=None, metadata: dict | None = None) -> 
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _sample_texts(docs: Sequence[str], max_bytes: int) -> list[str]:
-  """An evenly strided sample of documents totalling at most ~max_bytes characters."""
-  total = sum(len(d) for d in docs)
+def _sample_texts(docs: Callable[[], Iterable[str]], max_bytes: int) -> list[str]:
+  """An evenly strided sample of documents totalling at most ~max_bytes characters; two streamed
+  passes over `docs()` (memory: the sample, not the corpus)."""
+  total = sum(len(d) for d in docs())
   stride = max(1, -(-total // max(1, max_bytes)))
   out, n = [], 0
-  for d in docs[::stride]:
+  for i, d in enumerate(docs()):
+    if i % stride:
+      continue
     if n + len(d) > max_bytes:
       if not out:
         out.append(d[:max_bytes])
@@ -91,8 +94,8 @@ def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *, ae_dir: str | os.P
   elif not train_if_missing:
     raise DataError(f"no tokenizer: {local} does not exist and data.tokenizer is not set")
   else:
-    docs = data.read_documents(cfg.data.train, cfg.data)
-    sample = _sample_texts(docs, cfg.data.tokenizer_train_bytes)
+    sample = _sample_texts(lambda: data.iter_documents(cfg.data.train, cfg.data),
+                           cfg.data.tokenizer_train_bytes)
     log.info("training a %d-token BPE on %d documents (%d characters)", cfg.model.vocab_size,
              len(sample), sum(map(len, sample)))
     tok, where = train_tokenizer(sample, cfg.model.vocab_size), str(local)

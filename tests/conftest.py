@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite is written for 8 fake CPU devices; on a GPU/TPU machine it still runs on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -52,3 +53,39 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture
 def demo_data() -> pathlib.Path:
   return DEMO_DATA
+
+
+TFDS_DOCS = [
+    "The Time Traveller (for so it will be convenient to speak of him) was expounding.",
+    "“You must follow me carefully.”",
+    "Filby became pensive.\nLine two of the same document.",
+    "Clearly, the Time Traveller proceeded, any real body must have extension in four directions.",
+    "There are really four dimensions, three which we call the three planes of Space.",
+] * 3
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A tiny ArrayRecord TFDS dataset (train: TFDS_DOCS, test: TFDS_DOCS[:2]) built without
+  TensorFlow."""
+  import tensorflow_datasets as tfds
+
+  class CalmTinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "n": np.int32}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(TFDS_DOCS),
+              "test": self._generate_examples(TFDS_DOCS[:2])}
+
+    def _generate_examples(self, docs):
+      for i, d in enumerate(docs):
+        yield i, {"text": d, "n": i}
+
+  root = tmp_path_factory.mktemp("tfds")
+  CalmTinyText(data_dir=str(root), file_format="array_record").download_and_prepare()
+  return root

@@ -16,16 +16,10 @@ from calm import data as D
 from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer, train_tokenizer
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, TFDS_DOCS, subprocess_env
 
 K = 4
-DOCS = [
-    "The Time Traveller (for so it will be convenient to speak of him) was expounding.",
-    "“You must follow me carefully.”",
-    "Filby became pensive.\nLine two of the same document.",
-    "Clearly, the Time Traveller proceeded, any real body must have extension in four directions.",
-    "There are really four dimensions, three which we call the three planes of Space.",
-] * 3
+DOCS = TFDS_DOCS
 
 
 @pytest.fixture(scope="module")
@@ -116,31 +110,6 @@ def test_wikitext_jsonl_reads(shared_data):
   path = shared_data / "wikitext103-test" / "wikitext_document_level-test.json"
   docs = D.read_documents(str(path), _cfg(str(path)).data)
   assert len(docs) == 62 and docs[0].startswith(" = Robert Boulter = ")
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory) -> pathlib.Path:
-  """A tiny ArrayRecord TFDS dataset (train: DOCS, test: DOCS[:2]) built without TensorFlow."""
-  import tensorflow_datasets as tfds
-
-  class CalmTinyText(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "n": np.int32}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(DOCS), "test": self._generate_examples(DOCS[:2])}
-
-    def _generate_examples(self, docs):
-      for i, d in enumerate(docs):
-        yield i, {"text": d, "n": i}
-
-  root = tmp_path_factory.mktemp("tfds")
-  CalmTinyText(data_dir=str(root), file_format="array_record").download_and_prepare()
-  return root
 
 
 def test_tfds_source_without_tensorflow(tmp_path, tok, tfds_dir):

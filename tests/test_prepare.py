@@ -84,6 +84,17 @@ def test_shards_are_the_raw_token_stream(corpus, prepared):
     np.testing.assert_array_equal(a, b)
 
 
+def test_prepare_a_tfds_source(corpus, tfds_dir, tmp_path):
+  """A TFDS source is cut into record ranges; the shards hold its raw token stream."""
+  _, tok = corpus
+  spec = "tfds:calm_tiny_text"
+  cfg = _cfg(spec, corpus[0].parent, **{"data.tfds_data_dir": str(tfds_dir)})
+  m = P.prepare(cfg, tmp_path / "p", workers=2, piece_records=4, progress=False)
+  assert len(m["shards"]) == 4 and m["documents"] == 15  # 15 records, 4 per piece
+  np.testing.assert_array_equal(D.token_stream(f"prepared:{tmp_path / 'p'}", cfg.data, tok),
+                                D.token_stream(spec, cfg.data, tok))
+
+
 def test_byte_ranges_partition_a_jsonl_file(corpus):
   src, _ = corpus
   cfg = _cfg(str(src), src.parent)

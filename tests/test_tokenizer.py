@@ -131,6 +131,21 @@ def test_get_tokenizer_trains_once_then_reuses(tmp_path, demo_data):
   assert get_tokenizer(cfg2, run).fingerprint == first.fingerprint
 
 
+def test_tokenizer_sample_streams_an_evenly_strided_sample():
+  """The BPE training sample is read in two streamed passes, never as a list of the corpus."""
+  from calm.run import _sample_texts
+  passes = []
+
+  def docs():
+    passes.append(0)
+    return (f"doc{i:03d}" for i in range(100))  # 6 characters each, 600 in all
+
+  assert _sample_texts(docs, 60) == [f"doc{i:03d}" for i in range(0, 100, 10)]
+  assert len(passes) == 2
+  assert _sample_texts(docs, 10_000) == [f"doc{i:03d}" for i in range(100)]
+  assert _sample_texts(lambda: iter(["x" * 50]), 8) == ["x" * 8]  # one long document: cut
+
+
 def test_get_tokenizer_explicit_path_and_vocab_check(tmp_path, tok):
   tok.save(tmp_path / "tok.json")
   cfg = _cfg(**{"data.tokenizer": str(tmp_path / "tok.json"), "model.vocab_size": 512})
