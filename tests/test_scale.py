@@ -162,10 +162,11 @@ def test_scanned_layers_compile_one_layer():
 # ----------------------------------------------------------------------------- remat
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_remat_keeps_loss_and_gradients(stage):
+@pytest.mark.parametrize("stage,head", [(s, "energy") for s in STAGES] +
+                         [("calm", "flow"), ("calm", "diffusion")])
+def test_remat_keeps_loss_and_gradients(stage, head):
   """Every policy computes the same function: loss and gradients identical to no remat."""
-  cfg = tiny(stage)
+  cfg = tiny(stage, f"model.head.kind={head}")
   ids = ids_for(cfg, rows=4)
   ref = None
   for policy in ("none", "minimal", "full"):
@@ -185,6 +186,22 @@ def test_remat_keeps_loss_and_gradients(stage):
     else:
       np.testing.assert_allclose(out[0], ref[0], rtol=1e-6, err_msg=policy)
       assert_trees_close(out[1], ref[1], rtol=1e-5, atol=1e-7, what=policy)
+
+
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_remat_covers_the_flow_and_diffusion_networks(kind):
+  """Every adaLN block of the head's network runs under jax.checkpoint when model.remat is set."""
+  counts = {}
+  for policy in ("none", "minimal"):
+    cfg = tiny("calm", f"model.head.kind={kind}", "model.head.num_blocks=3",
+               f"model.remat={policy}")
+    graphdef, params = nnx.split(getattr(stages.build_model(cfg), f"{kind}_head"))
+    h = jnp.ones((2, 8, cfg.model.backbone.hidden_dim))
+    y = jnp.ones((4, 2, 8, cfg.model.latent_dim))
+    keys = jax.random.split(jax.random.key(0), 2)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p).loss(h, y, keys)[0])
+    counts[policy] = str(jax.make_jaxpr(jax.grad(loss))(params)).count("remat")
+  assert counts == {"none": 0, "minimal": 3}, counts
 
 
 def test_remat_recomputes_the_head_samples():

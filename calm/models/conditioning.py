@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from calm.models.layers import LayerNorm, Linear, zeros_init
+from calm.models.layers import LayerNorm, Linear, remat, zeros_init
 
 FREQ_DIM = 256  # width of the sinusoidal time features
 _EPS = 1e-6
@@ -92,7 +92,7 @@ class AdaLNMLP(nnx.Module):
   cond(c). Initialised as the reference: xavier weights, adaLN and output layers zero."""
 
   def __init__(self, in_dim: int, width: int, out_dim: int, cond_dim: int, num_blocks: int, *,
-               dtype: str, rngs: nnx.Rngs):
+               dtype: str, remat: str = "none", rngs: nnx.Rngs):
     self.time = TimeEmbedding(width, dtype=dtype, rngs=rngs)
     self.cond = Linear(cond_dim, width, (None, "embed"), use_bias=True, dtype=dtype,
                        kernel_init=xavier_init, rngs=rngs)
@@ -100,12 +100,14 @@ class AdaLNMLP(nnx.Module):
                       kernel_init=xavier_init, rngs=rngs)
     self.blocks = nnx.List([AdaLNBlock(width, dtype=dtype, rngs=rngs) for _ in range(num_blocks)])
     self.final = AdaLNFinal(width, out_dim, dtype=dtype, rngs=rngs)
+    self.remat = remat  # model.remat, per block (the head runs once per sample and time)
 
   def apply(self, x_I: jax.Array, y_D: jax.Array) -> jax.Array:
     """The network for a given conditioning vector y = time(t) + cond(c)."""
     x = self.inp(x_I)
+    run = remat(lambda block, x, y: block(x, y), self.remat)
     for block in self.blocks:
-      x = block(x, y_D)
+      x = run(block, x, y_D)
     return self.final(x, y_D).astype(jnp.float32)
 
   def __call__(self, x_I: jax.Array, t: jax.Array, c_C: jax.Array) -> jax.Array:

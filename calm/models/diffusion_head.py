@@ -70,7 +70,8 @@ class DiffusionHead(nnx.Module):
     self.latent_dim = L
     self.schedule, self.train_steps = h.schedule, h.diffusion_steps
     self.sampling_steps, self.noise_temperature = h.sampling_steps, h.noise_temperature
-    self.net = AdaLNMLP(L, d, 2 * L, d, h.num_blocks, dtype=cfg.dtype, rngs=rngs)
+    self.net = AdaLNMLP(L, d, 2 * L, d, h.num_blocks, dtype=cfg.dtype,
+                        remat=cfg.remat, rngs=rngs)
 
   @property
   def train_schedule(self) -> Schedule:

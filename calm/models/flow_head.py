@@ -44,7 +44,8 @@ class FlowHead(nnx.Module):
     h, d, L = cfg.head, cfg.backbone.hidden_dim, cfg.latent_dim
     self.latent_dim = L
     self.solver, self.steps = h.solver, h.flow_steps
-    self.net = AdaLNMLP(L, d, L, d, h.num_blocks, dtype=cfg.dtype, rngs=rngs)
+    self.net = AdaLNMLP(L, d, L, d, h.num_blocks, dtype=cfg.dtype,
+                        remat=cfg.remat, rngs=rngs)
 
   @property
   def calls_per_sample(self) -> int:
