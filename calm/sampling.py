@@ -76,20 +76,28 @@ def next_chunk(calm, ae, h_BD: jax.Array, key: jax.Array,
 
 
 class _Stream:
-  """The host callback of the generation running now. The jitted loops call `emit` (a fixed
-  function, so a new callback does not recompile); `to(fn)` installs `fn` for one call."""
+  """The host callback of the generation running now. The jitted loops call `emit(i, ids)` (a
+  fixed function, so a new callback does not recompile); `to(fn)` installs `fn` for one call.
+  The device callback is unordered (ordered effects do not run on several devices), so steps
+  that arrive early wait here and `fn` sees them in step order."""
 
   fn: Callable[[np.ndarray], None] | None = None
+  _next: int = 0
+  _early: dict[int, np.ndarray] = {}
 
   @classmethod
-  def emit(cls, ids: np.ndarray) -> None:
-    if cls.fn is not None:
-      cls.fn(np.asarray(ids))
+  def emit(cls, i: np.ndarray, ids: np.ndarray) -> None:
+    if cls.fn is None:
+      return
+    cls._early[int(i)] = np.asarray(ids)
+    while cls._next in cls._early:
+      cls.fn(cls._early.pop(cls._next))
+      cls._next += 1
 
   @classmethod
   @contextlib.contextmanager
   def to(cls, fn: Callable[[np.ndarray], None] | None):
-    cls.fn = fn
+    cls.fn, cls._next, cls._early = fn, 0, {}
     try:
       yield
     finally:
@@ -132,7 +140,7 @@ def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B,
     out_BJK = out_BJK.at[:, i].set(chunk_BK)
     draws_BJ = draws_BJ.at[:, i].set(jnp.where(done_B, 0, draws_B))
     if stream:  # hand each new chunk to the host as it is produced
-      jax.debug.callback(_Stream.emit, chunk_BK, ordered=True)
+      jax.debug.callback(_Stream.emit, i, chunk_BK)
     done_B = done_B | jnp.any(chunk_BK == eos_id, axis=-1)
     h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=cache)
     return i + 1, h_B1D[:, 0], cache, out_BJK, done_B, draws_BJ
@@ -173,6 +181,7 @@ def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
         stream=on_tokens is not None)
     out = np.asarray(out_BJK).reshape(len(prompts), -1)
     draws = np.asarray(draws_BJ)
+    jax.effects_barrier()  # every streamed chunk delivered before the stream closes
   used = draws != 0
   stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
            "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
@@ -258,7 +267,7 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, key, temperature, top_p, *
     tok_B = jnp.where(done_B, pad_id, tok_B)
     out_BJ = out_BJ.at[:, i].set(tok_B)
     if stream:
-      jax.debug.callback(_Stream.emit, tok_B[:, None], ordered=True)
+      jax.debug.callback(_Stream.emit, i, tok_B[:, None])
     done_B = done_B | (tok_B == eos_id)
     logits_B1V, cache = model(tok_B[:, None], cache=cache)
     return i + 1, logits_B1V[:, 0], cache, out_BJ, done_B
@@ -284,4 +293,5 @@ def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_
                        top_k=int(top_k), nucleus=bool(top_p < 1.0), eos_id=eos_id,
                        pad_id=pad_id, stream=on_tokens is not None)
     out = np.asarray(out)
+    jax.effects_barrier()
   return [_trim(r, eos_id) for r in out]
