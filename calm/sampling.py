@@ -100,6 +100,8 @@ class _Stream:
     cls.fn, cls._next, cls._early = fn, 0, {}
     try:
       yield
+      if fn is not None:
+        jax.effects_barrier()  # every streamed step delivered before the stream closes
     finally:
       cls.fn = None
 
@@ -181,7 +183,6 @@ def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
         stream=on_tokens is not None)
     out = np.asarray(out_BJK).reshape(len(prompts), -1)
     draws = np.asarray(draws_BJ)
-    jax.effects_barrier()  # every streamed chunk delivered before the stream closes
   used = draws != 0
   stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
            "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
@@ -293,5 +294,4 @@ def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_
                        top_k=int(top_k), nucleus=bool(top_p < 1.0), eos_id=eos_id,
                        pad_id=pad_id, stream=on_tokens is not None)
     out = np.asarray(out)
-    jax.effects_barrier()
   return [_trim(r, eos_id) for r in out]
