@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from calm import sampling
+from calm import engine, sampling
 from calm.errors import CalmError, cli
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
@@ -56,12 +56,12 @@ def modes(size: common.Size, calm, peaked, ae, ar, head: str = "energy"
   """name → (fn(prompts, key, new) → (tokens, stats), max_new_tokens)."""
   def calm_fn(sampler, calm=calm):
     def f(prompts, key, new):
-      return sampling.generate_calm(calm, ae, prompts, key, max_new_tokens=new, sampler=sampler,
+      return engine.generate_calm(calm, ae, prompts, key, max_new_tokens=new, sampler=sampler,
                                     eos_id=NO_EOS, pad_id=PAD)
     return f
 
   def ar_fn(prompts, key, new):
-    return sampling.generate_ar(ar, prompts, key, max_new_tokens=new, eos_id=NO_EOS,
+    return engine.generate_ar(ar, prompts, key, max_new_tokens=new, eos_id=NO_EOS,
                                 pad_id=PAD), {}
 
   if head != "energy":

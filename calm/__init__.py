@@ -20,4 +20,25 @@ letter means one thing everywhere:
 
 A letter used inside one function only (e.g. the sampler's vocabulary blocks) is defined in that
 function's docstring.
+
+Python: `run = calm.open("runs/demo/calm")`, then `run.generate(...)`, `run.stream(...)`,
+`run.score(...)`, `run.encode(...)` / `run.decode(...)` (see docs/api.md).
 """
+
+
+def open(path, step=None, *, overrides=(), mesh=None):  # noqa: A001
+  """Opens a trained run (its directory or `config.yaml`) → `calm.run.Run`; see `calm.run.open`."""
+  from calm import run
+
+  return run.open(path, step, overrides=overrides, mesh=mesh)
+
+
+def __getattr__(name):  # `calm.Run`, `calm.Completion`, `calm.BrierReport` without eager imports
+  if name in ("Run", "Completion", "BrierReport"):
+    from calm import run
+
+    return getattr(run, name)
+  raise AttributeError(f"module 'calm' has no attribute {name!r}")
+
+
+__all__ = ["BrierReport", "Completion", "Run", "open"]

@@ -33,19 +33,11 @@ from calm.errors import CalmError, CheckpointError
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
 
-_AE_KEYS = ("model.vocab_size", "model.chunk_size", "model.latent_dim",
-            "model.autoencoder.hidden_dim", "model.autoencoder.ffn_dim",
-            "model.autoencoder.num_encoder_layers", "model.autoencoder.num_decoder_layers")
-_BACKBONE_KEYS = ("model.backbone.hidden_dim", "model.backbone.num_layers",
-                  "model.backbone.num_heads", "model.backbone.num_kv_heads",
-                  "model.backbone.ffn_dim")
-# Config keys that fix the parameter shapes of each stage.
-ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "autoencoder": _AE_KEYS,
-    "calm": _AE_KEYS + _BACKBONE_KEYS + ("model.head.kind", "model.head.noise_dim",
-                                                 "model.head.num_blocks"),
-    "ar": ("model.vocab_size", "model.tie_ar_embeddings") + _BACKBONE_KEYS,
-}
+def arch_keys(stage: str) -> tuple[str, ...]:
+  """Config keys that fix the parameter shapes of `stage` (see `calm.stages`)."""
+  from calm import stages
+
+  return stages.get(stage).arch_keys
 
 
 # Keys added after checkpoints were first written: a checkpoint without one had this value.
@@ -167,11 +159,11 @@ def check_compatible(saved: Config | dict, current: Config | dict,
   """Raises CheckpointError naming the first of `keys` (dotted) whose values differ.
 
   `saved` / `current` are Configs, config dicts or checkpoint metadata dicts. Without `keys`,
-  the architecture keys of the saved stage (ARCH_KEYS) are compared.
+  the architecture keys of the saved stage (`arch_keys`) are compared.
   """
   s, c = pytree.flatten_dict(_config_dict(saved)), pytree.flatten_dict(_config_dict(current))
   if keys is None:
-    keys = ARCH_KEYS.get(s.get("stage", ""), _AE_KEYS)
+    keys = arch_keys(s.get("stage") or "autoencoder")
   for k in keys:
     default = _ADDED_KEYS.get(k, "<missing>")
     a, b = s.get(k, default), c.get(k, default)
@@ -450,7 +442,7 @@ class Checkpointer:
     _, meta = read_metadata(self.directory, step)
     if expect_config is not None:
       _check_stage(meta, expect_config.stage, where)
-      check_compatible(meta, expect_config, ARCH_KEYS[expect_config.stage], what=where)
+      check_compatible(meta, expect_config, arch_keys(expect_config.stage), what=where)
     fp_saved, fp_now = meta.get("autoencoder_fingerprint"), self.metadata.get(
         "autoencoder_fingerprint")
     if fp_saved and fp_now and fp_saved != fp_now:

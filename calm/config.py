@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from calm import heads
 from calm.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ class BackboneConfig:
 class HeadConfig:
   """Generative head and its loss: `energy` (one call per sample), `flow` or `diffusion`."""
 
-  kind: Literal["energy", "flow", "diffusion"] = "energy"
+  kind: str = "energy"  # a head of `calm.heads`
   noise_dim: int = 64  # energy: uniform noise width
   num_blocks: int = 4  # residual blocks of every head
   num_samples: int = 8  # energy: N model samples; flow / diffusion: N target draws per position
@@ -404,8 +405,8 @@ def validate(cfg: Config) -> None:
   _require(b.num_heads % b.num_kv_heads == 0, "model.backbone.num_kv_heads",
            f"num_heads {b.num_heads} is not a multiple of num_kv_heads {b.num_kv_heads}")
   h = m.head
-  if h.kind == "energy":
-    _require(h.num_samples >= 2, "model.head.num_samples", "the energy score needs N >= 2")
+  _require(h.kind in heads.KINDS, "model.head.kind",
+           f"must be one of {', '.join(heads.KINDS)}; got {h.kind!r}")
   _require(h.num_samples >= 1, "model.head.num_samples", "must be >= 1")
   _require(h.flow_steps >= 1, "model.head.flow_steps", "must be >= 1")
   _require(h.diffusion_steps >= 2, "model.head.diffusion_steps", "must be >= 2")

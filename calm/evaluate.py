@@ -1,7 +1,6 @@
 """BrierLM of a CALM or AR checkpoint on held-out documents (reconstruction for an autoencoder).
 
-`python -m calm.evaluate --config CONFIG [key=value ...]` with `stage` = calm or ar, `run_dir`
-the run to evaluate (latest checkpoint) and, for calm, `train.autoencoder` its autoencoder run.
+`calm-eval` (`calm.cli.evaluation`) and `calm.open(...).score` run it on a run directory.
 
 Protocol: each document (its tokens + EOS) is cut into consecutive blocks of `eval.block_tokens`;
 context restarts at every block. CALM is scored at every chunk position whose next 4 tokens lie in
@@ -11,7 +10,6 @@ same K). Scores are means over scored positions; uncertainty treats documents as
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
@@ -25,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from calm import brier
-from calm.errors import CalmError, ConfigError, cli
+from calm.errors import CalmError, ConfigError
 from calm.models.transformer import BranchCache
 from calm.sampling import decode_candidates
 
@@ -37,9 +35,10 @@ GROUP_BUDGET_BYTES = 1 << 30  # V-sized float32 temporaries of one group of posi
 
 def auto_group(kind: str, batch: int, vocab: int, chunk_size: int) -> int:
   """Positions per group so that one group's vocabulary-sized arrays stay within the budget
-  (AR: logits, log-probabilities, Gumbel noise and their sum live at once; CALM: two decoded
-  chunks' logits per position and row)."""
-  per_position = batch * vocab * 4 * (6 if kind == "ar" else 2 * chunk_size * 2)
+  (each stage says how many bytes one scored position needs)."""
+  from calm import stages
+
+  per_position = stages.get(kind).brier_bytes_per_position(batch, vocab, chunk_size)
   return max(1, GROUP_BUDGET_BYTES // per_position)
 
 
@@ -242,10 +241,10 @@ def document_blocks(docs: Sequence[np.ndarray], block_tokens: int, multiple: int
 @functools.partial(jax.jit, static_argnames=("kind", "graphdefs", "chunk_size", "group"))
 def _score_batch(states, ids_BT, key, *, kind, graphdefs, chunk_size, group):
   """Brier-1..4 of one batch of blocks; compiled once per (models, shapes, group)."""
+  from calm import stages
+
   ms = [nnx.merge(d, s) for d, s in zip(graphdefs, states)]
-  if kind == "calm":
-    return calm_block_scores(ms[0], ms[1], ids_BT, key, group)[0]
-  return ar_block_scores(ms[0], ids_BT, key, chunk_size, group)
+  return stages.get(kind).brier_scores(ms, ids_BT, key, chunk_size, group)
 
 
 def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, block_tokens: int,
@@ -253,21 +252,18 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
                     group: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Per-position Brier-1..4 over documents → (brier [N, 4], document index [N]).
 
-  kind: "calm" with models = (calm, ae), or "ar" with models = (ar,). group: positions scored at
-  once (0 = automatic from a memory budget); the scores do not depend on it.
+  kind: the stage ("calm" with models = (calm, ae), "ar" with models = (ar,)). group: positions
+  scored at once (0 = automatic from a memory budget); the scores do not depend on it.
   """
+  from calm import stages
+
+  stage = stages.get(kind)
+  if not stage.generates:
+    raise ConfigError(f"stage must be calm or ar for BrierLM, got {kind!r}")
   ids, lens, owners = document_blocks(docs, block_tokens, chunk_size, pad_id)
   defs, states = zip(*(nnx.split(m) for m in models))
   K = chunk_size
-  if kind == "calm":
-    m = -(-NGRAMS // K)
-    # position s is scored when its target tokens [(s+1)K, (s+1+m)K) are real
-    first_tok = (np.arange(block_tokens // K - m) + 1 + m) * K
-  elif kind == "ar":
-    first_tok = ar_positions(block_tokens, K) + NGRAMS
-  else:
-    raise ConfigError(f"stage must be calm or ar for BrierLM, got {kind!r}")
-
+  first_tok = stage.brier_first_tokens(block_tokens, K)
   if group <= 0:
     group = auto_group(kind, batch_size, models[-1].embed.table.shape[0], K)
   key = jax.random.key(seed)
@@ -294,6 +290,34 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
   return np.concatenate(out), np.concatenate(doc_of)
 
 
+def brierlm(r, docs: Sequence[np.ndarray], eval_cfg, *, source: str,
+            energy_tokens: np.ndarray | None = None) -> dict:
+  """The BrierLM report of a loaded CALM or AR run (`calm.run.Run`) on tokenised documents
+  (each with its EOS): Brier-1..4, BrierLM with standard errors and a bootstrap interval over
+  documents (`brier.summarize`), the protocol, and for heads with energy reference lines the
+  held-out energy report on `energy_tokens` (the documents' token stream)."""
+  if eval_cfg.max_documents > 0:
+    docs = docs[:eval_cfg.max_documents]
+  K = r.loaded.config.model.chunk_size
+  models = (r.model,) if r.autoencoder is None else (r.model, r.autoencoder.model)
+  t0 = time.time()
+  est, doc_ids = score_documents(r.config.stage, models, docs,
+                                 block_tokens=eval_cfg.block_tokens, chunk_size=K,
+                                 batch_size=eval_cfg.batch_size, seed=eval_cfg.seed,
+                                 pad_id=r.tokenizer.pad_id, group=eval_cfg.group)
+  summary = brier.summarize(est, doc_ids, seed=eval_cfg.seed)
+  if energy_tokens is not None and r.stage.energy_references(r.loaded.config.model):
+    summary["energy"] = energy_report(r.config, r.loaded, r.autoencoder.model, energy_tokens,
+                                      source)
+  summary["protocol"] = {
+      "stage": r.config.stage, "data": source, "block_tokens": eval_cfg.block_tokens,
+      "chunk_size": K, "positions": r.stage.brier_positions(K),
+      "scored_positions": summary["positions"], "documents": summary["documents"],
+      "seed": eval_cfg.seed, "checkpoints": r.checkpoints,
+      "seconds": round(time.time() - t0, 2)}
+  return summary
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -310,21 +334,21 @@ def format_table(summary: dict) -> str:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "sigmas"))
 def _ae_batch(params, ids_BT, key, *, graphdef, chunk_size, sigmas):
-  from calm import stages
+  from calm.stages.autoencoder import reconstruction
 
-  return stages.ae_reconstruction(nnx.merge(graphdef, params), ids_BT, key, chunk_size, sigmas)
+  return reconstruction(nnx.merge(graphdef, params), ids_BT, key, chunk_size, sigmas)
 
 
-def energy_report(cfg, loaded, ae, tok, source: str) -> dict[str, float]:
+def energy_report(cfg, loaded, ae, tokens: np.ndarray, source: str) -> dict[str, float]:
   """Held-out CALM energy loss with its reference lines and normalised score, on the blocks the
   training evaluation uses (the first train.eval_batches × train.batch_size blocks of
-  data.block_tokens tokens of `source`, same keys), so it matches the run's last eval line;
-  raise train.eval_batches for a tighter estimate."""
-  from calm import config, data, losses, metrics, rng
+  data.block_tokens tokens of the token stream `tokens` of `source`, same keys), so it matches
+  the run's last eval line; raise train.eval_batches for a tighter estimate."""
+  from calm import data, losses, metrics, rng
 
   rc = loaded.config
   bs, block = rc.train.batch_size, rc.data.block_tokens
-  blocks = data.eval_blocks(config.replace(cfg, **{"data.block_tokens": block}), tok, None, source)
+  blocks = np.asarray(data.pack_blocks(tokens, block, what=f"eval source {source}"))
   n = min((len(blocks) // bs) * bs, cfg.train.eval_batches * bs)
   micro = rc.train.micro_batch  # evaluated one micro-batch at a time, as in training
   if n == 0:
@@ -347,91 +371,46 @@ def format_energy(e: dict[str, float]) -> str:
           f"(0 = context unused, 1 = oracle)")
 
 
-def autoencoder_report(cfg, source: str, *, step: int | None = None, out: str = "") -> int:
-  """Held-out reconstruction of an autoencoder run: token accuracy and chunk exact match from μ,
-  token accuracy with Gaussian noise σ ∈ eval.noise_sigmas added to the latent."""
-  from calm import config, data, run
+def reconstruction_report(r, source: str, eval_cfg) -> dict:
+  """Held-out reconstruction of a loaded autoencoder run (`calm.run.Run`): token accuracy, chunk
+  exact match and CE from μ, token accuracy with Gaussian noise σ ∈ eval.noise_sigmas added to
+  the latent, on blocks of eval.block_tokens of `source` (eval.max_documents caps the blocks)."""
+  from calm import config, data
 
-  r = run.load(cfg, step=step, stages_allowed=("autoencoder",))
-  loaded, tok = r.loaded, r.tokenizer
-  block_cfg = config.replace(cfg, **{"data.block_tokens": cfg.eval.block_tokens})
+  loaded, tok, cfg = r.loaded, r.tokenizer, r.config
+  block_cfg = config.replace(cfg, **{"data.block_tokens": eval_cfg.block_tokens})
   blocks = data.eval_blocks(block_cfg, tok, None, source)
-  bs = cfg.eval.batch_size
+  bs = eval_cfg.batch_size
   n = (len(blocks) // bs) * bs
-  if cfg.eval.max_documents:  # here: a cap on blocks
-    n = min(n, (cfg.eval.max_documents // bs) * bs or bs)
+  if eval_cfg.max_documents:  # here: a cap on blocks
+    n = min(n, (eval_cfg.max_documents // bs) * bs or bs)
   if n == 0:
     raise ConfigError(f"eval.batch_size: {source} has {len(blocks)} blocks of "
-                      f"{cfg.eval.block_tokens} tokens, fewer than one batch of {bs}")
+                      f"{eval_cfg.block_tokens} tokens, fewer than one batch of {bs}")
   graphdef, params = nnx.split(loaded.model)
   K = loaded.config.model.chunk_size
   fn = functools.partial(_ae_batch, graphdef=graphdef, chunk_size=K,
-                         sigmas=tuple(cfg.eval.noise_sigmas))
+                         sigmas=tuple(eval_cfg.noise_sigmas))
   t0 = time.time()
   rows = [jax.device_get(fn(params, jnp.asarray(blocks[i:i + bs]),
-                            jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i)))
+                            jax.random.fold_in(jax.random.PRNGKey(eval_cfg.seed), i)))
           for i in range(0, n, bs)]
   summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-  summary["protocol"] = {"stage": "autoencoder", "data": source,
-                         "block_tokens": cfg.eval.block_tokens, "chunk_size": K,
-                         "tokens": int(n * cfg.eval.block_tokens), "seed": cfg.eval.seed,
+  summary["protocol"] = {"stage": cfg.stage, "data": source,
+                         "block_tokens": eval_cfg.block_tokens, "chunk_size": K,
+                         "tokens": int(n * eval_cfg.block_tokens), "seed": eval_cfg.seed,
                          "checkpoint": f"{loaded.run_dir} step {loaded.step}",
                          "seconds": round(time.time() - t0, 2)}
-  print(f"{'metric':<22}{'value':>10}")
-  for k, v in summary.items():
-    if k != "protocol":
-      print(f"{k:<22}{v:>10.5f}")
-  print(json.dumps(summary["protocol"]))
-  path = pathlib.Path(out or pathlib.Path(cfg.run_dir) / "reconstruction.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(summary, indent=2))
-  return 0
+  return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  from calm import data, paths, run
-
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", required=True)
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  ap.add_argument("--out", default="", help="JSON path (default RUN_DIR/brierlm.json)")
-  ap.add_argument("overrides", nargs="*")
-  args = ap.parse_args(argv)
-  cfg = paths.load_config(args.config, args.overrides)
-  source = cfg.eval.data or cfg.data.eval
-  if not source:
-    raise ConfigError("eval.data: name the held-out documents (e.g. eval.data=PATH)")
-  if cfg.stage == "autoencoder":
-    return autoencoder_report(cfg, source, step=args.step, out=args.out)
-  r = run.load(cfg, step=args.step, stages_allowed=("calm", "ar"))
-  models = (r.model,) if r.autoencoder is None else (r.model, r.autoencoder.model)
-  ckpts, tok = r.checkpoints, r.tokenizer
-  docs = data.tokenized_documents(source, cfg.data, tok)
-  if cfg.eval.max_documents:
-    docs = docs[:cfg.eval.max_documents]
-  K = r.loaded.config.model.chunk_size
-  t0 = time.time()
-  est, doc_ids = score_documents(cfg.stage, models, docs, block_tokens=cfg.eval.block_tokens,
-                                 chunk_size=K, batch_size=cfg.eval.batch_size,
-                                 seed=cfg.eval.seed, pad_id=tok.pad_id, group=cfg.eval.group)
-  summary = brier.summarize(est, doc_ids, seed=cfg.eval.seed)
-  if cfg.stage == "calm" and r.loaded.config.model.head.kind == "energy":
-    summary["energy"] = energy_report(cfg, r.loaded, models[1], tok, source)
-  summary["protocol"] = {
-      "stage": cfg.stage, "data": source, "block_tokens": cfg.eval.block_tokens,
-      "chunk_size": K, "positions": "every chunk boundary" if cfg.stage == "calm"
-      else f"every {K}th token", "scored_positions": summary["positions"],
-      "documents": summary["documents"], "seed": cfg.eval.seed, "checkpoints": ckpts,
-      "seconds": round(time.time() - t0, 2)}
-  print(format_table(summary))
-  if "energy" in summary:
-    print(format_energy(summary["energy"]))
-  print(json.dumps(summary["protocol"]))
-  out = pathlib.Path(args.out or pathlib.Path(cfg.run_dir) / "brierlm.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(summary, indent=2))
-  return 0
+def format_reconstruction(summary: dict) -> str:
+  rows = [f"{'metric':<22}{'value':>10}"]
+  rows += [f"{k:<22}{v:>10.5f}" for k, v in summary.items() if k != "protocol"]
+  return "\n".join(rows)
 
 
 if __name__ == "__main__":
-  sys.exit(cli(main)())
+  from calm.cli import evaluate as _entry
+
+  sys.exit(_entry())

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm.config import HeadConfig, ModelConfig
+from calm.rng import is_key_batch
 
 Metrics = dict[str, jax.Array]
 
@@ -63,14 +64,9 @@ def energy_score(x_NBSL: jax.Array, y_MBSL: jax.Array, beta: float) -> jax.Array
 # accumulation or device count.
 
 
-def _is_key_batch(key: jax.Array) -> bool:
-  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  return key.ndim == (1 if typed else 2)
-
-
 def row_keys(key: jax.Array, rows: int) -> jax.Array:
   """One key per batch row: `key` itself if it is already [rows] keys, else fold_in(key, row)."""
-  if _is_key_batch(key):
+  if is_key_batch(key):
     if key.shape[0] != rows:
       raise ValueError(f"{key.shape[0]} row keys for a batch of {rows} rows")
     return key
@@ -152,32 +148,23 @@ def calm_loss(model, ae, ids_BT: jax.Array, key: jax.Array, cfg: ModelConfig
               ) -> tuple[jax.Array, Metrics]:
   """The head's loss against draws of the frozen AE posterior of the next chunk.
 
-  energy: −energy score of N head samples against M posterior draws. flow / diffusion: the
-  head's regression loss on N posterior draws per position (as the reference: `num_samples`
-  draws, each with its own time and noise), averaged. Position i reads chunk i and is scored
-  against chunk i+1; `ae` receives no gradient.
+  Position i reads chunk i and is scored against chunk i+1; `ae` receives no gradient. The head
+  (`model.generator`, see `calm.heads`) says how many posterior draws it scores against and
+  returns its loss per position and sample: the energy head −energy score of N head samples
+  against M draws; flow / diffusion their regression loss on N draws, each with its own time and
+  noise (as the reference). The loss is their mean.
   """
-  h = cfg.head
+  head = model.generator
   k_noise, k_eps = split_rows(row_keys(key, ids_BT.shape[0]), 2)
   ids_BSK = _chunks(ids_BT, cfg.chunk_size)
   mu, logstd = jax.lax.stop_gradient(ae.encode(ids_BSK[:, 1:]))
-  num_targets = h.num_target_samples if h.kind == "energy" else h.num_samples
   y_MBSL = mu + jnp.exp(logstd) * draw_rows(
       k_eps, lambda k, s: jax.random.normal(k, s, jnp.float32),
-      (num_targets, *mu.shape), axis=1)
+      (head.target_draws(cfg.head), *mu.shape), axis=1)
   hid, _ = model.hidden(ids_BSK[:, :-1])
-  if h.kind != "energy":  # time and noise of each target draw, row by row
-    loss_NBS, extra = model.generator.loss(hid, y_MBSL, k_noise)
-    loss = jnp.mean(loss_NBS)
-    return loss, {"loss": loss, **extra}
-  noise_NBSU = draw_rows(
-      k_noise, lambda k, s: jax.random.uniform(k, s, jnp.float32, -0.5, 0.5),
-      (h.num_samples, *hid.shape[:-1], h.noise_dim), axis=1)
-  x_NBSL = model.head(hid, noise_NBSU)
-  score, dxx, dxy = energy_terms(x_NBSL, y_MBSL, h.beta)
-  loss = -jnp.mean(score)
-  return loss, {"loss": loss, "energy_score": jnp.mean(score), "dist_xx": jnp.mean(dxx),
-                "dist_xy": jnp.mean(dxy)}
+  loss_per, extra = head.loss(hid, y_MBSL, k_noise)
+  loss = jnp.mean(loss_per)
+  return loss, {"loss": loss, **extra}
 
 
 def next_chunk_posteriors(ae, ids_BT: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:

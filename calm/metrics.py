@@ -99,7 +99,7 @@ def mean_tree(rows: list[Mapping[str, Any]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
+def backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
   """Multiply-accumulates of one position through the backbone with `context` keys attended."""
   b = cfg.backbone
   attn_proj = b.hidden_dim * (b.num_heads + 2 * b.num_kv_heads) * b.head_dim
@@ -108,7 +108,7 @@ def _backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
   return b.num_layers * (attn_proj + scores + 3 * b.hidden_dim * b.ffn_dim)
 
 
-def _ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
+def ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
   """(encoder, decoder) multiply-accumulates for one chunk, logits included in the decoder."""
   a, K, L = cfg.autoencoder, cfg.chunk_size, cfg.latent_dim
   d, block = a.hidden_dim, 3 * a.hidden_dim * a.ffn_dim
@@ -131,31 +131,9 @@ def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
     cfg = cfg.model
   if stage is None or seq_tokens is None:
     raise ValueError("model_flops_per_token needs stage and seq_tokens with a ModelConfig")
-  K = cfg.chunk_size
-  if stage == "autoencoder":
-    enc, dec = _ae_macs_per_chunk(cfg)
-    return 6.0 * (enc + dec) / K
-  if stage == "ar":
-    macs = _backbone_macs_per_position(cfg, seq_tokens / 2)
-    return 6.0 * (macs + cfg.backbone.hidden_dim * cfg.vocab_size)
-  if stage == "calm":
-    d, h, L = cfg.backbone.hidden_dim, cfg.head, cfg.latent_dim
-    compress = K * d * 2 * d + 2 * d * d
-    backbone = _backbone_macs_per_position(cfg, seq_tokens / K / 2)
-    if h.kind == "energy":
-      head_shared = d * d + h.num_blocks * d * d  # hidden_in and the y half of each fc1
-      head_sample = h.noise_dim * d + h.num_blocks * (d * d + d * d + d * 2 * d + d * d)
-      head_sample += d * d + d * L
-      energy = h.num_samples * h.num_target_samples * L
-      trained = compress + backbone + head_shared + h.num_samples * head_sample + energy
-    else:  # the conditioning MLP once per target draw (its time differs), cond(h) once
-      out = L if h.kind == "flow" else 2 * L
-      head_sample = 256 * d + d * d + L * d  # time MLP, input
-      head_sample += h.num_blocks * (3 * d * d + 2 * d * d) + 2 * d * d + d * out
-      trained = compress + backbone + d * d + h.num_samples * head_sample
-    frozen = _ae_macs_per_chunk(cfg)[0]
-    return (6.0 * trained + 2.0 * frozen) / K
-  raise ValueError(f"unknown stage {stage!r}")
+  from calm import stages
+
+  return stages.get(stage).flops_per_token(cfg, seq_tokens)
 
 
 def energy_references(ae_graphdef, ae_params, batches: list[jax.Array], keys: list[jax.Array],

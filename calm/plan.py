@@ -14,13 +14,12 @@ fit exits with a one-line error.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from typing import Sequence
 
-from calm.errors import CalmError, cli
+from calm.errors import CalmError
 
 GiB = 2**30
 
@@ -76,7 +75,7 @@ class Plan:
     return self.model_flops / (self.est_seconds * self.peak_flops)
 
 
-def _devices(topology: str | None, num: int | None):
+def devices_for(topology: str | None, num: int | None):
   import jax
 
   if topology:
@@ -226,35 +225,7 @@ def verdict(p: Plan) -> str:
           f"{p.hbm_bytes / GiB:.2f} GiB available ({-spare / GiB:.2f} GiB over)")
 
 
-@cli
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", help="YAML config file (defaults if omitted)")
-  ap.add_argument("--topology", help="TPU slice to compile for, e.g. v5e:2x2 or v5p:2x2x1")
-  ap.add_argument("--devices", type=int, help="use the first N devices")
-  ap.add_argument("--hbm-gib", type=float, help="memory per chip to plan against")
-  ap.add_argument("--no-baseline", action="store_true",
-                  help="skip the compile without remat (no FLOPs ratio)")
-  ap.add_argument("overrides", nargs="*", metavar="key=value")
-  args = ap.parse_args(argv)
-  from calm import config
-  cfg = config.load(args.config, args.overrides)
-  import jax
-  if args.topology:
-    jax.config.update("jax_platforms", "cpu")  # compile for the slice; nothing runs
-  elif args.devices:
-    try:  # fake devices on a CPU host; too late once a backend is up (then use what exists)
-      jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:
-      pass
-  devices = _devices(args.topology, args.devices)
-  p = plan(cfg, devices, hbm_gib=args.hbm_gib, baseline=not args.no_baseline)
-  print(report(cfg, p))
-  if not p.fits:
-    raise CalmError(verdict(p).split(None, 1)[1])
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  from calm.cli import plan as _entry
+
+  sys.exit(_entry())

@@ -12,7 +12,6 @@ gives the same bytes whatever the number of processes. `manifest.json` is writte
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -27,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from calm import data, shards
-from calm.errors import ConfigError, DataError, cli
+from calm.errors import ConfigError, DataError
 from calm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -211,26 +210,7 @@ def prepare(cfg, out: str | os.PathLike, *, source: str = "", workers: int = 0,
   return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  from calm import config
-
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", required=True)
-  ap.add_argument("--out", required=True, help="directory for the shards and manifest")
-  ap.add_argument("--source", default="", help="source to prepare (default data.train)")
-  ap.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-  ap.add_argument("--piece-mb", type=float, default=PIECE_BYTES / (1 << 20),
-                  help="input MiB per shard of a large JSON Lines file")
-  ap.add_argument("overrides", nargs="*")
-  args = ap.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  cfg = config.load(args.config, args.overrides)
-  m = prepare(cfg, args.out, source=args.source, workers=args.workers,
-              piece_bytes=max(1, int(args.piece_mb * (1 << 20))), progress=sys.stderr.isatty())
-  print(f"{args.out}: {m['tokens']} tokens, {m['documents']} documents, {len(m['shards'])} "
-        f"shards ({m['dtype']})")
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(cli(main)())
+  from calm.cli import prepare as _entry
+
+  sys.exit(_entry())

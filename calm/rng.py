@@ -22,3 +22,9 @@ def stream(seed: int, purpose: int) -> jax.Array:
 def init_rngs(seed: int) -> nnx.Rngs:
   """The `nnx.Rngs` that parameter initialisation draws from."""
   return nnx.Rngs(stream(seed, INIT))
+
+
+def is_key_batch(key: jax.Array) -> bool:
+  """Whether `key` is a batch of keys [B] (one per row) rather than one key."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)

@@ -5,16 +5,21 @@ finds its files)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
-from typing import Callable, Iterable, Sequence
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Sequence
 
+import jax
+import numpy as np
 from flax import nnx
 
-from calm import checkpoint, data, shards, stages
-from calm.config import Config
-from calm.errors import ConfigError, DataError
+from calm import checkpoint, data, paths, shards, stages
+from calm.config import Config, SamplingConfig
+from calm.errors import CalmError, ConfigError, DataError
 from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ def frozen_autoencoder(cfg: Config, mesh=None, metadata: dict | None = None) -> 
     raise ConfigError(f"train.autoencoder: autoencoder run {ae_dir} not found; give its "
                       f"directory with train.autoencoder=DIR")
   loaded = load_model(ae_dir, mesh=mesh, expect_stage="autoencoder")
-  checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.ARCH_KEYS["autoencoder"],
+  checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.arch_keys("autoencoder"),
                               what=f"autoencoder {ae_dir}")
   return loaded
 
@@ -110,18 +115,70 @@ def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *, ae_dir: str | os.P
 # ----------------------------------------------------------------------------- a whole run
 
 
-@dataclasses.dataclass
-class Run:
-  """A trained run ready for inference: its model, frozen autoencoder (CALM) and tokenizer."""
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One generated continuation: its text and token ids (without the prompt), whether it
+  ended with EOS (else it reached max_new_tokens) and the sampler statistics of its batch."""
 
-  config: Config
-  loaded: checkpoint.Loaded
-  autoencoder: checkpoint.Loaded | None
-  tokenizer: Tokenizer
+  text: str
+  token_ids: list[int]
+  finished: bool
+  stats: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class BrierReport:
+  """A BrierLM report (`calm-eval`'s numbers): Brier-1..4 with standard errors, BrierLM with
+  its standard error and bootstrap 95% interval over documents, the energy report of heads that
+  have one, and the protocol."""
+
+  brier: tuple[float, ...]
+  brier_se: tuple[float, ...]
+  brierlm: float
+  brierlm_se: float | None
+  brierlm_ci95: tuple[float, float] | None
+  documents: int
+  positions: int
+  energy: dict[str, float] | None
+  protocol: dict
+  summary: dict  # everything, as written to brierlm.json
+
+
+class Run:
+  """A trained run ready for inference: its model, the frozen autoencoder of a CALM run, and
+  the tokenizer. Open one with `calm.open(path)`.
+
+  Attributes: `config` (the run's resolved config), `stage` (its `calm.stages` object),
+  `tokenizer`, `step` (the checkpoint step loaded), `run_dir`, `checkpoint_dir`, `model`,
+  `autoencoder` (the loaded autoencoder checkpoint of a CALM run, else None).
+  """
+
+  def __init__(self, config: Config, loaded: checkpoint.Loaded,
+               autoencoder: checkpoint.Loaded | None, tokenizer: Tokenizer):
+    self.config, self.loaded, self.autoencoder, self.tokenizer = (config, loaded, autoencoder,
+                                                                  tokenizer)
+    self.stage = stages.get_stage(config)
+    self._engine = None
+
+  def __repr__(self) -> str:
+    return (f"Run({self.config.stage}, {self.run_dir}, step {self.step}, "
+            f"{self.tokenizer.vocab_size} tokens)")
 
   @property
   def model(self) -> nnx.Module:
     return self.loaded.model
+
+  @property
+  def step(self) -> int:
+    return self.loaded.step
+
+  @property
+  def run_dir(self) -> pathlib.Path:
+    return pathlib.Path(self.loaded.run_dir)
+
+  @property
+  def checkpoint_dir(self) -> pathlib.Path:
+    return self.run_dir / checkpoint.SUBDIR / str(self.step)
 
   @property
   def checkpoints(self) -> dict[str, str]:
@@ -131,17 +188,234 @@ class Run:
       out["autoencoder"] = f"{self.autoencoder.run_dir} step {self.autoencoder.step}"
     return out
 
+  # --------------------------------------------------------------------------- generation
+
+  @property
+  def engine(self):
+    """The generation engine (`calm.engine`) of this run, built on first use."""
+    if not self.stage.generates:
+      raise ConfigError(f"stage: generation needs a calm or ar run, this is {self.config.stage}")
+    if self._engine is None:
+      self._engine = self.stage.engine(self)
+    return self._engine
+
+  def _sampling(self, overrides: dict) -> SamplingConfig:
+    """The run's `sampling` section with the given (non-None) fields replaced, validated."""
+    from calm import config as config_lib
+
+    s = self.config.sampling
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if fields.get("sampler") not in (None, "exact", "batch"):
+      raise CalmError(f"sampler must be exact or batch, got {fields['sampler']!r}")
+    s = dataclasses.replace(s, **fields)
+    config_lib.validate(dataclasses.replace(self.config, sampling=s))
+    return s
+
+  def _prompt_ids(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    tok, context = self.tokenizer, self.config.data.block_tokens  # the training context
+    out = []
+    for text in prompts:
+      if not isinstance(text, str):
+        raise CalmError(f"a prompt must be a string, got {type(text).__name__}")
+      ids = tok.encode(text) or [tok.eos_id]
+      if len(ids) + max_new_tokens > context:
+        raise CalmError(f"prompt too long: {len(ids)} tokens + sampling.max_new_tokens="
+                        f"{max_new_tokens} exceed the model's training context of {context} "
+                        f"tokens (data.block_tokens); shorten the prompt or generate fewer "
+                        f"tokens")
+      out.append(ids)
+    return out
+
+  def _run(self, prompts: Sequence[str], on_tokens=None, **sampling_fields) -> tuple:
+    from calm import engine as engine_lib
+
+    s = self._sampling(sampling_fields)
+    ids = self._prompt_ids(prompts, s.max_new_tokens)
+    keys_B = engine_lib.row_keys([s.seed + i for i in range(len(ids))])
+    g = self.engine.generate(ids, keys_B, max_new_tokens=s.max_new_tokens,
+                             sampler=self.stage.sampler(s), on_tokens=on_tokens)
+    return g, s
+
+  def complete(self, prompts: str | Sequence[str], *, max_new_tokens: int | None = None,
+               temperature: float | None = None, sampler: str | None = None,
+               num_candidates: int | None = None, max_attempts: int | None = None,
+               top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> list[Completion]:
+    """Like `generate`, with the token ids, whether each row ended with EOS and the sampler
+    statistics (CALM: `mean_draws` per chunk, `capped` chunks that hit `max_attempts`)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+      raise CalmError("no prompts")
+    g, _ = self._run(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     sampler=sampler, num_candidates=num_candidates, max_attempts=max_attempts,
+                     top_k=top_k, top_p=top_p, seed=seed)
+    return [Completion(self.tokenizer.decode(t), t, f, g.stats)
+            for t, f in zip(g.tokens, g.finished)]
+
+  def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int | None = None,
+               temperature: float | None = None, sampler: str | None = None,
+               num_candidates: int | None = None, max_attempts: int | None = None,
+               top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> str | list[str]:
+    """Continues each prompt → its new text (a string for a string, a list for a list).
+
+    Prompts of different lengths run as one batch. Settings default to the run's `sampling`
+    section: `temperature` in (0, 1]; CALM: `sampler` "exact" (rejection, exact ∝ P^(1/T)) or
+    "batch" (over `num_candidates` head samples), `max_attempts` caps the exact sampler's draws
+    per chunk; AR: `top_k`, `top_p`. Prompt i draws from seed + i (`seed` default
+    sampling.seed), so it gets the same text alone with that seed as in any batch.
+    """
+    out = [c.text for c in self.complete(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, sampler=sampler,
+        num_candidates=num_candidates, max_attempts=max_attempts, top_k=top_k, top_p=top_p,
+        seed=seed)]
+    return out[0] if isinstance(prompts, str) else out
+
+  def stream(self, prompt: str, *, stats: dict | None = None, **settings) -> Iterator[str]:
+    """Yields the new text of one prompt in pieces as the model produces them (never splitting
+    a multi-byte character); `settings` as for `generate`. A dict given as `stats` receives the
+    sampler statistics and the number of new `tokens` when the stream ends. One stream runs at a time in a process."""
+    if not isinstance(prompt, str):
+      raise CalmError(f"stream takes one prompt string, got {type(prompt).__name__}")
+    max_new = self._sampling(settings).max_new_tokens
+    self._prompt_ids([prompt], max_new)  # a user mistake surfaces before the thread starts
+    pieces: queue.Queue = queue.Queue()
+
+    def work():
+      try:
+        pieces.put(("done", self._run([prompt], on_tokens=pieces.put, **settings)[0]))
+      except BaseException as e:  # re-raised in the caller's thread
+        pieces.put(("error", e))
+
+    threading.Thread(target=work, daemon=True).start()
+    tok, ids, shown = self.tokenizer, [], ""
+    while True:
+      item = pieces.get()
+      if isinstance(item, tuple):
+        what, value = item
+        if what == "error":
+          raise value
+        text = tok.decode(value.tokens[0])  # the final ids are authoritative
+        if stats is not None:
+          stats.update(value.stats, tokens=len(value.tokens[0]))
+        if text.startswith(shown) and len(text) > len(shown):
+          yield text[len(shown):]
+        return
+      for t in np.asarray(item)[0].tolist():
+        if len(ids) < max_new and not (ids and ids[-1] == tok.eos_id):
+          ids.append(t)
+      text = tok.decode(ids)
+      if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+        yield text[len(shown):]
+        shown = text
+
+  # --------------------------------------------------------------------------- evaluation
+
+  def score(self, documents: str | Sequence[str], *, max_documents: int | None = None,
+            block_tokens: int | None = None, batch_size: int | None = None,
+            seed: int | None = None, group: int | None = None) -> BrierReport:
+    """BrierLM on held-out documents: a list of texts, or a source (a .txt / .jsonl file,
+    directory or glob, `tfds:NAME:SPLIT`, `prepared:DIR`). Settings default to the run's `eval`
+    section; the numbers are `calm-eval`'s. The energy report (energy head) needs at least one
+training batch of blocks; with fewer documents it is left out (`energy` is None)."""
+    from calm import config as config_lib, data, evaluate
+
+    if not self.stage.generates:
+      raise ConfigError(f"stage: BrierLM scores calm or ar runs, this is {self.config.stage}")
+    fields = {k: v for k, v in dict(max_documents=max_documents, block_tokens=block_tokens,
+                                    batch_size=batch_size, seed=seed, group=group).items()
+              if v is not None}
+    ev = dataclasses.replace(self.config.eval, **fields)
+    config_lib.validate(dataclasses.replace(self.config, eval=ev))
+    energy = self.stage.energy_references(self.loaded.config.model)
+    if isinstance(documents, str):
+      source = documents
+      docs = data.tokenized_documents(source, self.config.data, self.tokenizer)
+      tokens = data.token_stream(source, self.config.data, self.tokenizer, None) if energy else None
+    else:
+      texts = list(documents)
+      if not texts or not all(isinstance(t, str) for t in texts):
+        raise DataError("score needs a non-empty list of document strings (or a source path)")
+      source = f"{len(texts)} documents"
+      flat, lengths = data.encode_documents(texts, self.tokenizer)
+      docs = np.split(flat, np.cumsum(lengths)[:-1])
+      tokens = flat if energy else None
+    rc = self.loaded.config  # the energy report needs one training batch of blocks
+    if tokens is not None and len(tokens) < rc.train.batch_size * rc.data.block_tokens:
+      tokens = None
+    s = evaluate.brierlm(self, docs, ev, source=source, energy_tokens=tokens)
+    ci = s["brierlm_ci95"]
+    return BrierReport(tuple(s["brier"]), tuple(s["brier_se"]), s["brierlm"], s["brierlm_se"],
+                       tuple(ci) if ci is not None else None, s["documents"], s["positions"],
+                       s.get("energy"), s["protocol"], s)
+
+  # --------------------------------------------------------------------------- latents
+
+  def _ae(self) -> nnx.Module:
+    if self.autoencoder is not None:
+      return self.autoencoder.model
+    if self.stage.needs_autoencoder or self.stage.generates:
+      raise ConfigError(f"stage: encode / decode need an autoencoder or calm run, this is "
+                        f"{self.config.stage}")
+    return self.model
+
+  def encode(self, text: str) -> np.ndarray:
+    """The text's latent vectors μ [S, L], one per chunk of K tokens (the last chunk padded with
+    the pad id)."""
+    ae = self._ae()
+    K = ae.chunk_size
+    ids = self.tokenizer.encode(text)
+    if not ids:
+      raise CalmError("encode needs a non-empty text")
+    ids += [self.tokenizer.pad_id] * (-len(ids) % K)
+    mu, _ = _encode_jit(*nnx.split(ae), np.asarray(ids, np.int32).reshape(1, -1, K))
+    return np.asarray(mu[0], np.float32)
+
+  def decode(self, latents: np.ndarray) -> str:
+    """Text from latent vectors [S, L] (or one [L]): each decoded to K tokens by argmax."""
+    ae = self._ae()
+    z = np.asarray(latents, np.float32)
+    z = z[None] if z.ndim == 1 else z
+    if z.ndim != 2 or z.shape[-1] != ae.latent_dim:
+      raise CalmError(f"latents must be [S, {ae.latent_dim}] or [{ae.latent_dim}], got "
+                      f"{list(np.shape(latents))}")
+    ids = np.asarray(_decode_jit(*nnx.split(ae), z[None]))[0].reshape(-1)
+    return self.tokenizer.decode(ids.tolist())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(graphdef, state, ids_BSK):
+  return nnx.merge(graphdef, state).encode(ids_BSK)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_jit(graphdef, state, z_BSL):
+  return nnx.merge(graphdef, state).decode_ids(z_BSL)
+
 
 def load(cfg: Config, *, step: int | None = None, mesh=None,
-         stages_allowed: Sequence[str] = ("autoencoder", "calm", "ar")) -> Run:
+         stages_allowed: Sequence[str] | None = None) -> Run:
   """Loads the run `cfg.run_dir` (checkpoint step `step`, default the latest)."""
-  if cfg.stage not in stages_allowed:
+  if stages_allowed is not None and cfg.stage not in stages_allowed:
     raise ConfigError(f"stage: this command needs a {' or '.join(stages_allowed)} run, got "
                       f"{cfg.stage}")
+  stage = stages.get_stage(cfg)
   loaded = load_model(cfg.run_dir, step=step, mesh=mesh, expect_stage=cfg.stage)
   ae = ae_dir = None
-  if cfg.stage == "calm":
+  if stage.needs_autoencoder:
     ae = frozen_autoencoder(cfg, mesh, loaded.metadata)
     ae_dir = ae.run_dir
   tok = get_tokenizer(cfg, cfg.run_dir, ae_dir=ae_dir, train_if_missing=False)
   return Run(config=cfg, loaded=loaded, autoencoder=ae, tokenizer=tok)
+
+
+def open(path: str | os.PathLike, step: int | None = None, *,
+         overrides: Sequence[str] = (), mesh=None) -> Run:  # noqa: A001 (calm.open)
+  """Opens a trained run: its directory or its `config.yaml` (`overrides`: dotted key=value, as
+  on the command line; `step`: a checkpoint step, default the latest)."""
+  p = pathlib.Path(path)
+  cfg_path = p / paths.CONFIG_FILE if p.is_dir() else p
+  if not cfg_path.is_file():
+    raise ConfigError(f"{path}: not a run directory (no {paths.CONFIG_FILE})"
+                      if p.is_dir() else f"{path}: no such run directory or config file")
+  return load(paths.load_config(cfg_path, list(overrides)), step=step, mesh=mesh)

@@ -16,9 +16,33 @@ import jax
 import jax.numpy as jnp
 
 from calm.config import validate_temperature
+from calm.rng import is_key_batch
 from calm.errors import CalmError
 
 DrawFn = Callable[[jax.Array, int], jax.Array]  # (key, R) -> chunks_BRK int32, R i.i.d. draws per row
+
+
+def fold_keys(key: jax.Array, i) -> jax.Array:
+  """fold_in(key, i), key by key for a batch of keys."""
+  if is_key_batch(key):
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(key)
+  return jax.random.fold_in(key, i)
+
+
+def split_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two independent keys (two batches of row keys for a batch of keys)."""
+  if is_key_batch(key):
+    both = jax.vmap(jax.random.split)(key)
+    return both[:, 0], both[:, 1]
+  a, b = jax.random.split(key)
+  return a, b
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniforms of `shape` [B, ...]; with a batch of keys, row b's from key b."""
+  if is_key_batch(key):
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+  return jax.random.uniform(key, shape)
 
 
 def split_inverse_temperature(temperature: float) -> tuple[int, float]:
@@ -61,7 +85,8 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
 
   Args:
     draw_fn: (key, R) -> chunks_BRK int32, i.i.d. draws from P, R per row.
-    key: PRNG key.
+    key: PRNG key, or one key per row (then `draw_fn` receives one key per row and row b's
+      draws and coins come from its own key only: its result does not depend on the others).
     temperature: Python float in (0, 1]; static (n and α are derived from it).
     max_attempts: cap on draws consumed per row (static).
     draws_per_step: R, draws per row per loop iteration (static).
@@ -74,13 +99,13 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
   if max_attempts < 1 or draws_per_step < 1:
     raise CalmError(f"max_attempts and draws_per_step must be >= 1, got {max_attempts}, "
                     f"{draws_per_step}")
-  draw_key, coin_key = jax.random.split(key)
+  draw_key, coin_key = split_keys(key)
   if n == 1 and alpha == 0.0:  # T = 1: one draw is exact
-    first_BK = draw_fn(jax.random.fold_in(draw_key, 0), 1)[:, 0]
+    first_BK = draw_fn(fold_keys(draw_key, 0), 1)[:, 0]
     B = first_BK.shape[0]
     return first_BK, jnp.ones((B,), bool), jnp.ones((B,), jnp.int32)
   R = draws_per_step
-  first_BRK = draw_fn(jax.random.fold_in(draw_key, 0), R)
+  first_BRK = draw_fn(fold_keys(draw_key, 0), R)
   B = first_BRK.shape[0]
 
   def update(state, y_BK, u_B):
@@ -110,7 +135,7 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
     return phase_B, x_BK, agree_B, k_B, fallback_BK, attempts_B
 
   def consume(state, it, y_BRK):
-    u_BR = jax.random.uniform(jax.random.fold_in(coin_key, it), (B, R))
+    u_BR = _uniform(fold_keys(coin_key, it), (B, R))
     for r in range(R):  # static and small: unrolled
       state = update(state, y_BRK[:, r], u_BR[:, r])
     return state
@@ -128,7 +153,7 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
 
   def body(carry):
     it, state = carry
-    return it + 1, consume(state, it, draw_fn(jax.random.fold_in(draw_key, it), R))
+    return it + 1, consume(state, it, draw_fn(fold_keys(draw_key, it), R))
 
   _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), state))
   phase_B, x_BK, _, _, fallback_BK, attempts_B = state
@@ -195,10 +220,14 @@ def batch_sample(candidates_BNK: jax.Array, key: jax.Array, temperature: float) 
   """Picks one chunk per row from N candidates (i.i.d. from P) approximately ∝ P(x)^{1/T}.
 
   Each distinct chunk (not each duplicate) is chosen with probability ∝ its weight from
-  `batch_log_weights`. T = 1 returns the first candidate (already an exact draw).
+  `batch_log_weights`. T = 1 returns the first candidate (already an exact draw). `key`: one
+  key, or one per row.
   """
   if validate_temperature(temperature) == 1.0:
     return candidates_BNK[:, 0]
   logw_BN = batch_log_weights(candidates_BNK, temperature)
-  idx_B = jax.random.categorical(key, logw_BN, axis=-1)
+  if is_key_batch(key):
+    idx_B = jax.vmap(lambda k, lw: jax.random.categorical(k, lw))(key, logw_BN)
+  else:
+    idx_B = jax.random.categorical(key, logw_BN, axis=-1)
   return jnp.take_along_axis(candidates_BNK, idx_B[:, None, None], axis=1)[:, 0]

@@ -151,6 +151,7 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   loading `train.autoencoder`.
   """
   stage = stages.get_stage(cfg)
+  stage.validate(cfg.model)
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -167,7 +168,7 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   else:
     graphdef, params = sharding.sharded_init(build, mesh)
     opt_state, _ = sharding.init_opt_state(tx, params, mesh)
-  if cfg.stage == "calm":
+  if stage.needs_autoencoder:
     if autoencoder is not None:
       ae_graphdef, ae_params = autoencoder
     elif abstract:
@@ -262,7 +263,7 @@ class EvalHook:
       rows.append(jax.device_get(self.s.eval_step(params, batches[-1], keys[-1],
                                                   self.s.ae_params)))
     ev = metrics.mean_tree(rows)
-    if cfg.stage == "calm" and cfg.model.head.kind == "energy":
+    if self.s.stage.energy_references(cfg.model):
       self.refs = self.refs or metrics.energy_references(
           self.s.ae_graphdef, self.s.ae_params, batches, keys, cfg.model)
       ev = metrics.with_references(ev, self.refs)

@@ -89,3 +89,22 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp("tfds")
   CalmTinyText(data_dir=str(root), file_format="array_record").download_and_prepare()
   return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> pathlib.Path:
+  """Tiny AE, CALM and AR runs (a few steps each) sharing one tokenizer: ROOT/{ae,calm,ar}."""
+  from calm import config, trainer
+
+  root = tmp_path_factory.mktemp("runs")
+  tiny = ROOT / "configs" / "tiny.yaml"
+  common = ["checkpoint.async_save=false", "train.steps=3", "data.eval=",
+            "data.tokenizer_train_bytes=200000"]
+  trainer.train(config.load(tiny, [f"run_dir={root}/ae", "stage=autoencoder", *common]),
+                progress=False)
+  tok = f"data.tokenizer={root}/ae/tokenizer.json"
+  trainer.train(config.load(tiny, [f"run_dir={root}/calm", "stage=calm", tok,
+                                   f"train.autoencoder={root}/ae", *common]), progress=False)
+  trainer.train(config.load(tiny, [f"run_dir={root}/ar", "stage=ar", tok, *common]),
+                progress=False)
+  return root

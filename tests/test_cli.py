@@ -7,26 +7,15 @@ import sys
 
 import pytest
 
-from calm import config, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_runs):
   """Tiny AE, CALM and AR runs (a few steps each) sharing one tokenizer."""
-  root = tmp_path_factory.mktemp("cli")
-  common = ["checkpoint.async_save=false", "train.steps=3", "data.eval=",
-            "data.tokenizer_train_bytes=200000"]
-  trainer.train(config.load(TINY, [f"run_dir={root}/ae", "stage=autoencoder", *common]),
-                progress=False)
-  tok = f"data.tokenizer={root}/ae/tokenizer.json"
-  trainer.train(config.load(TINY, [f"run_dir={root}/calm", "stage=calm", tok,
-                                   f"train.autoencoder={root}/ae", *common]), progress=False)
-  trainer.train(config.load(TINY, [f"run_dir={root}/ar", "stage=ar", tok, *common]),
-                progress=False)
-  return root
+  return tiny_runs
 
 
 def run(*args, stdin=None):

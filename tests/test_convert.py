@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from calm import checkpoint, config as config_lib, convert, paths, run
+from calm.cli import conversion
 from calm.errors import CalmError, cli
 from calm.models.autoencoder import Autoencoder
 from calm.stages import get_stage
@@ -100,7 +101,7 @@ def _fixture_outputs(graphdefs, states, ids_BT, mu_logstd, hidden, noise):
           "out/ae_decoder_logits": logits.reshape(logits.shape[0], -1, logits.shape[-1]),
           "out/embed_proj": calm.compress_chunks(ids_BSK[:, :-1]),
           "out/backbone_hidden": h,
-          "out/head_samples": calm.head(hidden, noise),
+          "out/head_samples": calm.generator(hidden, noise),
           "out/ar_logits": ar(ids_BT)[0]}
 
 
@@ -121,8 +122,8 @@ def test_fixture_converted_runs_are_usable(converted):
   assert loaded["calm"].metadata["autoencoder_fingerprint"] == checkpoint.fingerprint(
       runs["autoencoder"])[1]
   # the CALM run's architecture agrees with its autoencoder's (what the trainer checks)
-  checkpoint.check_compatible(loaded["autoencoder"].metadata, calm_cfg, checkpoint.ARCH_KEYS[
-      "autoencoder"])
+  checkpoint.check_compatible(loaded["autoencoder"].metadata, calm_cfg, checkpoint.arch_keys(
+      "autoencoder"))
   assert (runs["calm"] / "tokenizer.json").is_file()
   assert calm_cfg.data.tokenizer == str(runs["calm"] / "tokenizer.json")
   assert not loaded["ar"].config.model.tie_ar_embeddings
@@ -462,14 +463,14 @@ def test_config_fields(tmp_path):
 
 def test_cli_exit_code(small_ref, tmp_path, capsys):
   src = _variant(small_ref["ar"], tmp_path / "src", config=lambda c: {**c, "foo": 1})
-  assert cli(convert.main)(["--llama", str(src), "--out", str(tmp_path / "o")]) == 2
+  assert cli(conversion.main)(["--llama", str(src), "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1 and "foo" in err
-  assert cli(convert.main)(["--calm", str(src), "--out", str(tmp_path / "o")]) == 2
+  assert cli(conversion.main)(["--calm", str(src), "--out", str(tmp_path / "o")]) == 2
   assert "--calm needs --ae" in capsys.readouterr().err
-  run = cli(convert.main)(["--llama", str(small_ref["ar"]), "--out", str(tmp_path / "ok")])
+  run = cli(conversion.main)(["--llama", str(small_ref["ar"]), "--out", str(tmp_path / "ok")])
   assert run == 0 and (tmp_path / "ok" / "ar" / "checkpoints" / "0").is_dir()
-  assert cli(convert.main)(["--export", str(tmp_path / "ok" / "ar"), "--format", "npz",
+  assert cli(conversion.main)(["--export", str(tmp_path / "ok" / "ar"), "--format", "npz",
                             "--out", str(tmp_path / "back")]) == 0
   back, ref = convert.read_weights(tmp_path / "back"), convert.read_weights(small_ref["ar"])
   assert back.keys() == ref.keys()

@@ -13,7 +13,7 @@ from conftest import ROOT, SHARED, load_fixture
 from flax import nnx
 
 from calm import config as config_lib
-from calm import convert, losses, sampling
+from calm import convert, engine, losses, sampling
 from calm.convert import names as convert_names
 from calm.models.calm import CALM
 from calm.models.diffusion_head import DiffusionHead
@@ -302,10 +302,10 @@ def test_generation_rows_do_not_depend_on_batch(tiny_models):
   prompts = [[5, 17, 99, 42], [8, 9, 10, 11, 12, 13, 14, 15]]
   kw = {"max_new_tokens": 12, "eos_id": 3, "pad_id": 0}
   key = jax.random.key(4)
-  both, _ = sampling.generate_calm(calm, ae, prompts, key, **kw)
-  one, _ = sampling.generate_calm(calm, ae, prompts[:1], key, **kw)
+  both, _ = engine.generate_calm(calm, ae, prompts, key, **kw)
+  one, _ = engine.generate_calm(calm, ae, prompts[:1], key, **kw)
   assert both[0] == one[0] and len(both[1]) >= 4
-  other, _ = sampling.generate_calm(calm, ae, prompts[:1], jax.random.key(5), **kw)
+  other, _ = engine.generate_calm(calm, ae, prompts[:1], jax.random.key(5), **kw)
   assert other[0] != one[0]
 
 

@@ -225,7 +225,7 @@ def test_calm_loss_scores_each_position_against_the_next_chunk(cfg):
   scores = []
   for i in range(S - 1):
     hid_BD = model.hidden(ids_BSK[:, :i + 1])[0][:, -1]
-    x_NBL = np.asarray(model.head(hid_BD, noise_NBSU[:, :, i]), np.float64)
+    x_NBL = np.asarray(model.generator(hid_BD, noise_NBSU[:, :, i]), np.float64)
     mu_BL, logstd_BL = ae.encode(ids_BSK[:, i + 1])
     y_MBL = np.asarray(mu_BL + jnp.exp(logstd_BL) * eps_MBSL[:, :, i], np.float64)
     n = x_NBL.shape[0]

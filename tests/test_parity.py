@@ -150,7 +150,7 @@ def test_backbone_hidden(ref):
 
 def test_head_samples(ref):
   _, _, calm, _, data = ref
-  z = calm.head(jnp.asarray(data["out/backbone_hidden"]), jnp.asarray(data["in/head_noise"]))
+  z = calm.generator(jnp.asarray(data["out/backbone_hidden"]), jnp.asarray(data["in/head_noise"]))
   _close(z, data["out/head_samples"])
 
 

@@ -5,6 +5,8 @@ import pathlib
 import jax
 
 from calm import config, plan
+from calm.cli import planning
+from calm.errors import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -36,18 +38,18 @@ def test_plan_shards_over_devices():
 
 def test_plan_cli_reports_and_fails_when_it_does_not_fit(capsys):
   args = ["--config", str(TINY), "--devices", "8", "stage=ar", "train.grad_accum=1"]
-  assert plan.main(args + ["--no-baseline"]) == 0
+  assert cli(planning.main)(args + ["--no-baseline"]) == 0
   out = capsys.readouterr().out
   assert "verdict" in out and "8 x cpu" in out
-  assert plan.main(args + ["--no-baseline", "--hbm-gib", "0.0001"]) == 2
+  assert cli(planning.main)(args + ["--no-baseline", "--hbm-gib", "0.0001"]) == 2
   captured = capsys.readouterr()
   err = captured.err.strip()
   assert err.startswith("error: does not fit") and "GiB" in err and "\n" not in err
-  assert plan.main(args + ["train.grad_accum=3"]) == 2
+  assert cli(planning.main)(args + ["train.grad_accum=3"]) == 2
   assert "train.grad_accum" in capsys.readouterr().err
 
 
 def test_plan_topology_needs_libtpu_or_reports_the_slice(capsys):
-  code = plan.main(["--config", str(TINY), "--topology", "v5e:nonsense", "--no-baseline"])
+  code = cli(planning.main)(["--config", str(TINY), "--topology", "v5e:nonsense", "--no-baseline"])
   assert code == 2
   assert "--topology v5e:nonsense" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from calm import config as config_lib
-from calm import sampling
+from calm import engine, sampling
 from calm.errors import CalmError
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
@@ -54,7 +54,9 @@ def naive_calm(calm, ae, prompt, key, steps, sampler):
   out = []
   for i in range(steps):
     h, _ = calm.hidden(chunks)
-    c, _ = sampling.next_chunk(calm, ae, h[:, -1], jax.random.fold_in(key, i), sampler)
+    # the engine's key of row 0 at step i: fold_in(row key fold_in(key, 0), i)
+    step_key = jax.random.fold_in(jax.random.fold_in(key, 0), i)[None]
+    c, _ = sampling.next_chunk(calm, ae, h[:, -1], step_key, sampler)
     out += np.asarray(c[0]).tolist()
     if EOS in out:
       break
@@ -82,10 +84,10 @@ def test_calm_cached_equals_uncached(models, sampler):
   _, calm, ae, _ = models
   prompt = [5, 17, 99, 42, 7, 8]  # 6 tokens: left-padded to 8
   key = jax.random.key(0)
-  got, stats = sampling.generate_calm(calm, ae, [prompt], key, max_new_tokens=16,
+  got, stats = engine.generate_calm(calm, ae, [prompt], key, max_new_tokens=16,
                                       sampler=sampler, eos_id=EOS, pad_id=PAD)
   want = naive_calm(calm, ae, prompt, key, 4, sampler)
-  assert got[0] == sampling._trim(np.asarray(want), EOS)[:16]
+  assert got[0] == engine.trim(np.asarray(want), EOS)[:16]
   assert stats["chunks"] >= 3 and len(set(got[0])) > 1  # several chunks fed back
 
 
@@ -93,23 +95,23 @@ def test_calm_ragged_batch_matches_single_rows(models):
   _, calm, ae, _ = models
   prompts = [[5, 17, 99], [1, 2, 3 + 1, 4, 5, 6, 7, 8, 9, 10, 11]]
   key = jax.random.key(4)
-  batch, _ = sampling.generate_calm(calm, ae, prompts, key, max_new_tokens=12, eos_id=EOS,
+  batch, _ = engine.generate_calm(calm, ae, prompts, key, max_new_tokens=12, eos_id=EOS,
                                     pad_id=PAD)
   for i, p in enumerate(prompts):
     # Row noise is keyed by the row index, so a single row is generated as row i of a batch.
     rows = [[1]] * i + [p]
-    single, _ = sampling.generate_calm(calm, ae, rows, key, max_new_tokens=12, eos_id=EOS,
+    single, _ = engine.generate_calm(calm, ae, rows, key, max_new_tokens=12, eos_id=EOS,
                                        pad_id=PAD)
     assert single[i] == batch[i]
 
 
 def test_calm_stops_at_eos(models):
   _, calm, ae, _ = models
-  out, _ = sampling.generate_calm(calm, ae, [[5, 6, 7, 8]], jax.random.key(1),
+  out, _ = engine.generate_calm(calm, ae, [[5, 6, 7, 8]], jax.random.key(1),
                                   max_new_tokens=40, eos_id=-1, pad_id=PAD)
   assert len(out[0]) == 40
   eos = out[0][5]  # pretend the sixth generated token is EOS: generation must end there
-  out2, _ = sampling.generate_calm(calm, ae, [[5, 6, 7, 8]], jax.random.key(1),
+  out2, _ = engine.generate_calm(calm, ae, [[5, 6, 7, 8]], jax.random.key(1),
                                    max_new_tokens=40, eos_id=eos, pad_id=PAD)
   assert out2[0] == out[0][:out[0].index(eos) + 1]
 
@@ -125,7 +127,7 @@ def naive_ar_greedy(model, prompt, steps):
 def test_ar_cached_greedy_equals_uncached(models):
   _, _, _, ar = models
   prompts = [[5, 17, 99], [1, 2, 4, 4, 5, 6, 7]]
-  got = sampling.generate_ar(ar, prompts, jax.random.key(0), max_new_tokens=4, top_k=1,
+  got = engine.generate_ar(ar, prompts, jax.random.key(0), max_new_tokens=4, top_k=1,
                              eos_id=-1, pad_id=PAD)
   for g, p in zip(got, prompts):
     assert g == naive_ar_greedy(ar, p, 4)
@@ -179,29 +181,29 @@ def test_generation_compiles_once_across_temperatures_and_callbacks(models):
   """Temperature and top-p are traced, the streaming callback is not part of the cache key."""
   cfg, calm, ae, ar = models
   seen = []
-  gen_ar = lambda t, p, cb: sampling.generate_ar(ar, [[5, 6, 7]], jax.random.key(0),
+  gen_ar = lambda t, p, cb: engine.generate_ar(ar, [[5, 6, 7]], jax.random.key(0),
                                                  max_new_tokens=5, temperature=t, top_p=p,
                                                  eos_id=EOS, pad_id=PAD, on_tokens=cb)
   gen_ar(0.9, 0.95, seen.append)
-  n = sampling._ar_generate._cache_size()
+  n = engine._ar_generate._cache_size()
   out_a = gen_ar(0.3, 0.5, lambda ids: seen.append(ids))
-  assert sampling._ar_generate._cache_size() == n
+  assert engine._ar_generate._cache_size() == n
   assert len(seen) > 0 and all(np.asarray(x).shape == (1, 1) for x in seen)
   # the traced values still take effect: top-p 0.5 at T -> 0 keeps only the argmax (greedy)
-  greedy = sampling.generate_ar(ar, [[5, 6, 7]], jax.random.key(1), max_new_tokens=5,
+  greedy = engine.generate_ar(ar, [[5, 6, 7]], jax.random.key(1), max_new_tokens=5,
                                 temperature=1e-3, top_p=0.5, eos_id=-1, pad_id=PAD)
-  assert sampling._ar_generate._cache_size() == n + 1  # new max_new / eos: a new shape
+  assert engine._ar_generate._cache_size() == n + 1  # new max_new / eos: a new shape
   assert greedy[0] == naive_ar_greedy(ar, [5, 6, 7], 5)
   assert len(out_a[0]) >= 1
 
   sampler = sampling.ChunkSampler(1.0)
-  gen_calm = lambda cb: sampling.generate_calm(calm, ae, [[5, 6, 7]], jax.random.key(0),
+  gen_calm = lambda cb: engine.generate_calm(calm, ae, [[5, 6, 7]], jax.random.key(0),
                                                max_new_tokens=8, sampler=sampler, eos_id=EOS,
                                                pad_id=PAD, on_tokens=cb)
   gen_calm(seen.append)
-  n = sampling._calm_generate._cache_size()
+  n = engine._calm_generate._cache_size()
   gen_calm(lambda ids: None)
-  assert sampling._calm_generate._cache_size() == n
+  assert engine._calm_generate._cache_size() == n
 
 
 def test_streaming_on_a_sharded_model_arrives_in_order(models):
@@ -217,12 +219,12 @@ def test_streaming_on_a_sharded_model_arrives_in_order(models):
     return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh)))
 
   seen = []
-  out = sampling.generate_calm(spread(calm), spread(ae), [[5, 6, 7], [8, 9]], jax.random.key(0),
+  out = engine.generate_calm(spread(calm), spread(ae), [[5, 6, 7], [8, 9]], jax.random.key(0),
                                max_new_tokens=12, eos_id=-1, pad_id=PAD, on_tokens=seen.append)
   streamed = np.concatenate(seen, axis=1)
   assert streamed.shape == (2, 12)
   assert [list(r) for r in streamed] == out[0]
   seen.clear()
-  toks = sampling.generate_ar(spread(ar), [[5, 6, 7]], jax.random.key(0), max_new_tokens=6,
+  toks = engine.generate_ar(spread(ar), [[5, 6, 7]], jax.random.key(0), max_new_tokens=6,
                               eos_id=-1, pad_id=PAD, on_tokens=seen.append)
   assert [list(np.concatenate(seen, axis=1)[0])] == toks

@@ -18,7 +18,7 @@ def _command(module: str) -> Callable[[], int]:
 
 train = _command("calm.cli.training")
 sample = _command("calm.cli.generation")
-evaluate = _command("calm.evaluate")
-convert = _command("calm.convert")
-prepare = _command("calm.prepare")
-plan = _command("calm.plan")
+evaluate = _command("calm.cli.evaluation")
+convert = _command("calm.cli.conversion")
+prepare = _command("calm.cli.preparation")
+plan = _command("calm.cli.planning")

@@ -12,15 +12,14 @@ tokenizer files if it has any. A CALM config.json's `model_type` (energy, flow o
 selects the generative head, in both directions.
 """
 
-from calm.convert.command import main
 from calm.convert.hf_config import (build_config, config_fields, merge_fields, read_config_json,
                                     reference_config)
-from calm.convert.names import (STAGES, expected_params, from_params, normalize, table,
+from calm.convert.names import (expected_params, from_params, normalize, table,
                                 to_params)
 from calm.convert.runs import convert, export_reference, write_run
 from calm.convert.weights import read_weights
 
-__all__ = ["STAGES", "build_config", "config_fields", "convert", "expected_params",
-           "export_reference", "from_params", "main", "merge_fields", "normalize",
+__all__ = ["build_config", "config_fields", "convert", "expected_params",
+           "export_reference", "from_params", "merge_fields", "normalize",
            "read_config_json", "read_weights", "reference_config", "table", "to_params",
            "write_run"]

@@ -2,7 +2,6 @@
 
 import sys
 
-from calm.convert.command import main
-from calm.errors import cli
+from calm.cli import convert
 
-sys.exit(cli(main)())
+sys.exit(convert())

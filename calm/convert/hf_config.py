@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Any, Iterable, Mapping
 
-from calm import config as config_lib
+from calm import config as config_lib, stages
 from calm.config import Config, ModelConfig
 from calm.errors import ConfigError
 
@@ -70,11 +70,6 @@ REQUIRED = {
     "ar": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
            "num_attention_heads"),
 }
-# A CALM config.json's `model_type` → model.head.kind ("calm": older exports of ours).
-HEAD_KINDS = {"energy": "energy", "calm": "energy", "flow": "flow", "diffusion": "diffusion"}
-# The reference's model class of each head.
-HEAD_ARCHITECTURES = {"energy": "EnergyTransformer", "flow": "FlowTransformer",
-                      "diffusion": "DiffusionTransformer"}
 # Other spellings (the parity fixture's `meta`, our own names) → reference field.
 ALIASES = {
     "vocab": "vocab_size", "K": "patch_size", "chunk_size": "patch_size", "latent": "latent_size",
@@ -119,7 +114,32 @@ def read_config_json(src: str | pathlib.Path) -> dict:
   return raw
 
 
-def _check_fixed(raw: Mapping[str, Any], kind: str, where: str) -> None:
+def head_dim_problems(raw: Mapping[str, Any]) -> list[str]:
+  """A backbone's `head_dim`, when given, must be hidden_size / num_attention_heads."""
+  hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+  if raw.get("head_dim") is not None and hidden and heads and raw["head_dim"] != hidden // heads:
+    return [f"head_dim={raw['head_dim']} (must be hidden_size / num_attention_heads)"]
+  return []
+
+
+def backbone_defaults(canon: Mapping[str, Any]) -> dict[str, Any]:
+  """A Llama config without `num_key_value_heads` has one KV head per query head."""
+  if "num_key_value_heads" in canon:
+    return {}
+  return {"model.backbone.num_kv_heads": canon["num_attention_heads"]}
+
+
+def llama_fields(m: ModelConfig) -> dict[str, Any]:
+  """The backbone's fields of a reference config.json."""
+  b = m.backbone
+  return {"vocab_size": m.vocab_size, "hidden_size": b.hidden_dim,
+          "intermediate_size": b.ffn_dim, "num_hidden_layers": b.num_layers,
+          "num_attention_heads": b.num_heads, "num_key_value_heads": b.num_kv_heads,
+          "rope_theta": b.rope_theta, "rms_norm_eps": b.norm_eps, "hidden_act": "silu",
+          "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
+
+
+def _check_fixed(raw: Mapping[str, Any], stage, where: str) -> None:
   """Architecture fields whose only supported value is the Llama default."""
   bad = []
   act = raw.get("hidden_act", "silu")
@@ -132,14 +152,7 @@ def _check_fixed(raw: Mapping[str, Any], kind: str, where: str) -> None:
   if scaling and not (isinstance(scaling, dict) and
                       scaling.get("rope_type", scaling.get("type")) == "default"):
     bad.append(f"rope_scaling={raw['rope_scaling']!r} (plain RoPE only)")
-  if kind != "autoencoder" and raw.get("head_dim") is not None:
-    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
-    if hidden and heads and raw["head_dim"] != hidden // heads:
-      bad.append(f"head_dim={raw['head_dim']} (must be hidden_size / num_attention_heads)")
-  if kind == "ar" and raw.get("model_type", "llama") != "llama":
-    bad.append(f"model_type={raw['model_type']!r} (a Llama model is expected)")
-  if kind == "calm" and raw.get("model_type", "energy") not in HEAD_KINDS:
-    bad.append(f"model_type={raw['model_type']!r} (a CALM head: energy, flow or diffusion)")
+  bad += stage.check_reference(raw)
   if bad:
     raise ConfigError(f"{where}: unsupported {'; '.join(bad)}")
 
@@ -174,23 +187,16 @@ def config_fields(raw: Mapping[str, Any], kind: str, *, where: str = "config.jso
   if unknown:
     raise ConfigError(f"{where}: unknown config field(s) {', '.join(sorted(unknown))} (they may "
                       f"change the architecture; pass --ignore-field NAME if they do not)")
-  _check_fixed(raw, kind, where)
-  missing = [k for k in REQUIRED[kind] if k not in canon]
-  if kind == "autoencoder" and "ae_num_layers" not in canon:
-    missing += [k for k in ("num_encoder_layers", "num_decoder_layers") if k not in canon]
+  stage = stages.get(kind)
+  _check_fixed(raw, stage, where)
+  missing = [k for k in REQUIRED[kind] if k not in canon] + stage.missing_reference_fields(canon)
   if missing:
     raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
   out: dict[str, Any] = {}
   for name, value in canon.items():
     for dotted in fields[name]:
       out[dotted] = value
-  if kind == "ar":
-    out["model.tie_ar_embeddings"] = bool(raw.get("tie_word_embeddings", False))
-  if kind == "calm":
-    out["model.head.kind"] = HEAD_KINDS[raw.get("model_type", "energy")]
-  if kind != "autoencoder" and "num_key_value_heads" not in canon:
-    out["model.backbone.num_kv_heads"] = canon["num_attention_heads"]
-  return out
+  return {**out, **stage.fields_from_reference(raw, canon)}
 
 
 def merge_fields(a: Mapping[str, Any], b: Mapping[str, Any], where_a: str,
@@ -220,37 +226,4 @@ def build_config(stage: str, fields: Mapping[str, Any], run_dir: pathlib.Path, *
 
 def reference_config(cfg: Config) -> dict:
   """Our config → the reference config.json of its stage."""
-  m = cfg.model
-  a, b, h = m.autoencoder, m.backbone, m.head
-  if cfg.stage == "autoencoder":
-    out = {"architectures": ["Autoencoder"], "model_type": "autoencoder",
-           "vocab_size": m.vocab_size, "hidden_size": a.hidden_dim,
-           "intermediate_size": a.ffn_dim, "num_encoder_layers": a.num_encoder_layers,
-           "num_decoder_layers": a.num_decoder_layers, "latent_size": m.latent_dim,
-           "patch_size": m.chunk_size, "rms_norm_eps": a.norm_eps, "hidden_act": "silu",
-           "kl_weight": a.kl_weight, "kl_clamp": a.kl_clamp, "tie_word_embeddings": True}
-    if a.token_dropout == a.latent_dropout:
-      out["ae_dropout"] = a.token_dropout
-    else:
-      out.update(token_dropout=a.token_dropout, latent_dropout=a.latent_dropout)
-    return {**out, "torch_dtype": "float32"}
-  llama = {"vocab_size": m.vocab_size, "hidden_size": b.hidden_dim,
-           "intermediate_size": b.ffn_dim, "num_hidden_layers": b.num_layers,
-           "num_attention_heads": b.num_heads, "num_key_value_heads": b.num_kv_heads,
-           "rope_theta": b.rope_theta, "rms_norm_eps": b.norm_eps, "hidden_act": "silu",
-           "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
-  if cfg.stage == "ar":
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama,
-            "tie_word_embeddings": m.tie_ar_embeddings, "torch_dtype": "float32"}
-  out = {"architectures": [HEAD_ARCHITECTURES[h.kind]], "model_type": h.kind, **llama,
-         "patch_size": m.chunk_size, "latent_size": m.latent_dim, "noise_size": h.noise_dim,
-         "num_mlp_layers": h.num_blocks, "num_samples": h.num_samples,
-         "num_target_samples": h.num_target_samples, "beta": h.beta,
-         "layer_norm_eps": h.norm_eps, "num_encoder_layers": a.num_encoder_layers,
-         "num_decoder_layers": a.num_decoder_layers}
-  if h.kind == "flow":
-    out.update(flow_solver=h.solver, flow_steps=h.flow_steps)
-  elif h.kind == "diffusion":
-    out.update(noise_schedule=h.schedule, diffusion_steps=h.diffusion_steps,
-               num_sampling_steps=h.sampling_steps, noise_temperature=h.noise_temperature)
-  return {**out, "torch_dtype": "float32"}
+  return stages.get(cfg.stage).reference_config(cfg)

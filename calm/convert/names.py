@@ -12,7 +12,6 @@ from calm.config import Config, ModelConfig
 from calm.errors import CheckpointError
 
 
-STAGES = ("autoencoder", "calm", "ar")
 
 
 # ----------------------------------------------------------------------------- name tables
@@ -81,26 +80,14 @@ def adaln_table(ref: str, ours: str) -> list[Row]:
 
 
 def calm_table(kind: str = "energy") -> list[Row]:
-  """Reference CALM names (`transformer.*`, `embed_proj.*`, and the head: `mlp_generator.*` for
-  energy, `generative_head.net.*` for flow / diffusion) → `CALM`."""
+  """Reference CALM names (`transformer.*`, `embed_proj.*`, and the head's own: see
+  `calm.heads`) → `CALM`."""
+  from calm import heads
+
   rows = [("transformer." + r, o, k) for r, o, k in backbone_table()]
   rows += _linear("embed_proj.0", "compress.up") + _linear("embed_proj.2", "compress.down")
   rows += _layernorm("embed_proj.3", "compress.norm")
-  if kind != "energy":
-    return rows + adaln_table("generative_head.net", f"{kind}_head.net")
-  g, h = "mlp_generator", "energy_head"
-  rows += _linear(f"{g}.noise_embd", f"{h}.noise_in")
-  rows += _linear(f"{g}.hidden_embd", f"{h}.hidden_in")
-  rows += _layernorm(f"{g}.norm_noise", f"{h}.noise_norm")
-  rows += _layernorm(f"{g}.norm_hidden", f"{h}.hidden_norm")
-  rows += _layernorm(f"{g}.mlp_blocks.{{i}}.in_ln", f"{h}.blocks.{{i}}.norm")
-  for ref, ours in (("linears.0", "fc1"), ("linears.2", "fc2"), ("linears.4", "fc3"),
-                    ("down_proj", "down")):
-    rows += _linear(f"{g}.mlp_blocks.{{i}}.{ref}", f"{h}.blocks.{{i}}.{ours}")
-  rows += _layernorm(f"{g}.final_layer.in_ln", f"{h}.out_norm")
-  rows += _linear(f"{g}.final_layer.linears.0", f"{h}.out_fc1")
-  rows += _linear(f"{g}.final_layer.linears.2", f"{h}.out_fc2")
-  return rows
+  return rows + heads.get(kind).reference_rows(f"{kind}_head")
 
 
 def ar_table(tied: bool = False) -> list[Row]:
@@ -110,11 +97,10 @@ def ar_table(tied: bool = False) -> list[Row]:
 
 
 def table(stage: str, model_cfg: ModelConfig) -> list[Row]:
-  if stage == "autoencoder":
-    return autoencoder_table()
-  if stage == "calm":
-    return calm_table(model_cfg.head.kind)
-  return ar_table(model_cfg.tie_ar_embeddings)
+  """The name table of `stage` (see `calm.stages`)."""
+  from calm import stages
+
+  return stages.get(stage).name_table(model_cfg)
 
 
 def _to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -216,12 +202,12 @@ def from_params(flat: Mapping[str, np.ndarray], stage: str,
   (`encoder.embed_tokens.weight`, `decoder.lm_head_weight`), as the reference's own state_dict
   holds it: its loader fills each parameter by name only.
   """
+  from calm import stages
+
   names = expand(table(stage, model_cfg), {k: np.shape(v) for k, v in flat.items()})
   out = {n: np.ascontiguousarray(_to_ref(kind, np.asarray(flat[path], np.float32)))
          for n, (path, kind) in names.items()}
-  if stage == "autoencoder":
-    out["decoder.lm_head_weight"] = out["encoder.embed_tokens.weight"].copy()
-  return out
+  return stages.get(stage).with_reference_aliases(out)
 
 
 # ----------------------------------------------------------------------------- state_dict aliases
@@ -249,31 +235,11 @@ def _merge_alias(w: dict[str, np.ndarray], alias: str, name: str, where: str) ->
 
 def normalize(weights: Mapping[str, np.ndarray], stage: str, model_cfg: ModelConfig | None = None,
               *, where: str = "weights") -> dict[str, np.ndarray]:
-  """Maps the name variants of the reference onto the names of `table(stage)`.
+  """Maps the name variants of the reference onto the names of `table(stage)` (each stage's
+  `normalize_reference` says which: prefixes, tied aliases, buffers)."""
+  from calm import stages
 
-  autoencoder: `ae_model.` prefix optional (when present, other tensors are ignored: a CALM
-  directory that embeds its autoencoder); the tied `decoder.lm_head_weight` must equal the
-  embedding. calm: `ae_model.*` dropped (see `embedded_autoencoder`); for the energy head
-  `generative_head.*` is the same module as `mlp_generator.*` (the flow / diffusion heads'
-  tensors are `generative_head.net.*`). ar: `rotary_emb.inv_freq` buffers dropped; a tied `lm_head`
-  must equal the embedding.
-  """
-  w = dict(weights)
-  if stage == "autoencoder":
-    if any(k.startswith("ae_model.") for k in w):
-      w = {k[len("ae_model."):]: v for k, v in w.items() if k.startswith("ae_model.")}
-    for alias in ("decoder.lm_head_weight", "decoder.lm_head.weight"):
-      _merge_alias(w, alias, "encoder.embed_tokens.weight", where)
-  elif stage == "calm":
-    w = {k: v for k, v in w.items() if not k.startswith("ae_model.")}
-    if model_cfg is None or model_cfg.head.kind == "energy":
-      for k in [k for k in w if k.startswith("generative_head.")]:
-        _merge_alias(w, k, "mlp_generator." + k[len("generative_head."):], where)
-  elif stage == "ar":
-    w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
-    if model_cfg is not None and model_cfg.tie_ar_embeddings:
-      _merge_alias(w, "lm_head.weight", "model.embed_tokens.weight", where)
-  return w
+  return stages.get(stage).normalize_reference(dict(weights), model_cfg, where)
 
 
 def embedded_autoencoder(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

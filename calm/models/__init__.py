@@ -3,8 +3,9 @@ AR baseline."""
 
 from calm.models.ar import ARModel
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM, EnergyHead, InputCompression
+from calm.models.calm import CALM, InputCompression
 from calm.models.diffusion_head import DiffusionHead
+from calm.models.energy_head import EnergyHead
 from calm.models.flow_head import FlowHead
 from calm.models.transformer import KVCache, Transformer
 

@@ -112,3 +112,40 @@ class AdaLNMLP(nnx.Module):
 
   def __call__(self, x_I: jax.Array, t: jax.Array, c_C: jax.Array) -> jax.Array:
     return self.apply(x_I, self.time(t) + self.cond(c_C))
+
+
+def adaln_train_macs_per_position(m, out_dim: int) -> float:
+  """Multiply-accumulates per position of a training step of an `AdaLNMLP` head (flow,
+  diffusion): the conditioning MLP once, the time MLP and the network once per target draw."""
+  h, d, L = m.head, m.backbone.hidden_dim, m.latent_dim
+  per_draw = 256 * d + d * d + L * d  # time MLP, input
+  per_draw += h.num_blocks * (3 * d * d + 2 * d * d) + 2 * d * d + d * out_dim
+  return d * d + h.num_samples * per_draw
+
+
+class AdaLNHeadParts:
+  """What the flow and diffusion heads own alike (see `calm.heads`)."""
+
+  energy_references = False  # no energy score: no reference lines
+
+  @staticmethod
+  def validate(h) -> list[str]:
+    """Problems of the head's config section, as `key: message` strings."""
+    return []
+
+  @staticmethod
+  def target_draws(h) -> int:
+    """Draws of the target posterior per position in the loss (each with its own time and
+    noise, as the reference)."""
+    return h.num_samples
+
+  @staticmethod
+  def reference_rows(ours: str) -> list:
+    """Name-table rows of the reference `generative_head.net` (`SimpleMLPAdaLN`) → `ours.net`."""
+    from calm.convert.names import adaln_table
+
+    return adaln_table("generative_head.net", f"{ours}.net")
+
+  @staticmethod
+  def normalize_reference(w: dict, where: str) -> dict:
+    return w

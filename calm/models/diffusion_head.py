@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from calm.config import ModelConfig
-from calm.models.conditioning import AdaLNMLP
+from calm.config import HeadConfig, ModelConfig
+from calm.models.conditioning import AdaLNHeadParts, AdaLNMLP, adaln_train_macs_per_position
 from calm.models.diffusion_schedule import Schedule, make_schedule
 
 _LN2 = math.log(2.0)
@@ -62,7 +62,7 @@ def reverse_step(sched: Schedule, out_L2: jax.Array, x_L: jax.Array, t: jax.Arra
   return mean, log_var, x0
 
 
-class DiffusionHead(nnx.Module):
+class DiffusionHead(AdaLNHeadParts, nnx.Module):
   """Noise-prediction network ε(x, t, h) on the backbone hidden h, its loss and its sampler."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -159,3 +159,18 @@ class DiffusionHead(nnx.Module):
     k_start, k_steps = jax.random.split(key)
     noise_fn = lambda k: jax.random.normal(jax.random.fold_in(k_steps, k), shape)
     return self.denoise(h_BSD, jax.random.normal(k_start, shape), noise_fn)
+
+  # ----------------------------------------------------------------------- what the head owns
+
+  @staticmethod
+  def train_macs_per_position(m: ModelConfig) -> float:
+    """Multiply-accumulates of the head and its loss per position in a training step."""
+    return adaln_train_macs_per_position(m, 2 * m.latent_dim)
+
+  @staticmethod
+  def reference_config(h: HeadConfig) -> dict:
+    """The head's fields of a reference config.json (beyond the shared ones)."""
+    return dict(noise_schedule=h.schedule, diffusion_steps=h.diffusion_steps,
+                num_sampling_steps=h.sampling_steps, noise_temperature=h.noise_temperature)
+
+  architecture, model_type = "DiffusionTransformer", "diffusion"

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calm.config import ModelConfig
-from calm.models.conditioning import AdaLNMLP
+from calm.config import HeadConfig, ModelConfig
+from calm.models.conditioning import AdaLNHeadParts, AdaLNMLP, adaln_train_macs_per_position
 
 TIME_SCALE = 1000
 
@@ -37,7 +37,7 @@ def solver_times(solver: str, steps: int) -> tuple[np.ndarray, np.ndarray, float
   return to_index(t), to_index(t_mid), dt
 
 
-class FlowHead(nnx.Module):
+class FlowHead(AdaLNHeadParts, nnx.Module):
   """Velocity network v(x, t, h) on the backbone hidden h, its loss and its ODE sampler."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -106,3 +106,17 @@ class FlowHead(nnx.Module):
     """`num` samples per position → z [num, B, S, L]."""
     x0 = jax.random.normal(key, (num, *h_BSD.shape[:-1], self.latent_dim))
     return self.solve(h_BSD, x0)
+
+  # ----------------------------------------------------------------------- what the head owns
+
+  @staticmethod
+  def train_macs_per_position(m: ModelConfig) -> float:
+    """Multiply-accumulates of the head and its loss per position in a training step."""
+    return adaln_train_macs_per_position(m, m.latent_dim)
+
+  @staticmethod
+  def reference_config(h: HeadConfig) -> dict:
+    """The head's fields of a reference config.json (beyond the shared ones)."""
+    return dict(flow_solver=h.solver, flow_steps=h.flow_steps)
+
+  architecture, model_type = "FlowTransformer", "flow"

@@ -1,4 +1,5 @@
-"""`python -m calm.convert` / `calm-convert`."""
+"""`calm-convert`: official CALM / Hugging Face Llama checkpoints ↔ calm-jax runs (see
+`calm.convert`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,396 @@
+"""The generation engine: compiled prefill, one decode step over a fixed number of rows, and the
+whole decode loop, for CALM (a chunk of K tokens per step) and the AR baseline (one token).
+
+`calm.open(...).generate`, `calm-sample` and the benchmarks all generate through it. Every row
+carries its own PRNG key and step counter: the key of row b at its step i is fold_in(key_b, i),
+so a row's text depends on its prompt, its key and the sampler only — not on the batch size or
+on the other rows. Prompts of any length share a batch: a CALM prompt is LEFT-padded with the pad
+id to a multiple of K (its last chunk is complete and generation continues right after the real
+text; the reference right-pads, which puts pads between prompt and continuation), rows are stored
+left-aligned and right-padded to the longest, and each row's cache length is its own after the
+prefill (padding slots are overwritten before any query sees them). The loop is a
+`lax.while_loop` over fixed-shape buffers that stops when every row has produced EOS. Each
+(batch, prompt length, max length, sampler) compiles once; AR temperature and top-p are traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calm import sampling
+from calm.errors import CalmError
+from calm.models.transformer import KVCache
+from calm.sampling import ChunkSampler
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSampler:
+  """How the AR baseline picks each next token: temperature, then top-k (0 = off), then top-p."""
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not (self.temperature > 0 and 0.0 < self.top_p <= 1.0 and self.top_k >= 0):
+      raise CalmError("need temperature > 0, top_p in (0, 1], top_k >= 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """The rows being decoded: KV cache, what the next step reads (CALM: the hidden state of the
+  last chunk [B, D]; AR: the logits of the next token [B, V]), row keys, steps taken, done."""
+
+  cache: KVCache
+  carry_BX: jax.Array
+  keys_B: jax.Array
+  step_B: jax.Array  # int32 [B]
+  done_B: jax.Array  # bool [B]
+
+  def step_keys(self) -> jax.Array:
+    return jax.vmap(jax.random.fold_in)(self.keys_B, self.step_B)
+
+
+@dataclasses.dataclass
+class Generated:
+  """New tokens per row (up to and including EOS, at most `max_new_tokens`), whether each row
+  ended with EOS, and sampler statistics (CALM: mean draws per chunk, chunks that hit the exact
+  sampler's cap)."""
+
+  tokens: list[list[int]]
+  finished: list[bool]
+  stats: dict[str, float]
+
+
+class _Stream:
+  """The host callback of the generation running now. The jitted loops call `emit(i, ids)` (a
+  fixed function, so a new callback does not recompile); `to(fn)` installs `fn` for one call.
+  The device callback is unordered (ordered effects do not run on several devices), so steps
+  that arrive early wait here and `fn` sees them in step order. One generation streams at a
+  time in a process."""
+
+  fn: Callable[[np.ndarray], None] | None = None
+  _next: int = 0
+  _early: dict[int, np.ndarray] = {}
+
+  @classmethod
+  def emit(cls, i: np.ndarray, ids: np.ndarray) -> None:
+    if cls.fn is None:
+      return
+    cls._early[int(i)] = np.asarray(ids)
+    while cls._next in cls._early:
+      cls.fn(cls._early.pop(cls._next))
+      cls._next += 1
+
+  @classmethod
+  @contextlib.contextmanager
+  def to(cls, fn: Callable[[np.ndarray], None] | None):
+    cls.fn, cls._next, cls._early = fn, 0, {}
+    try:
+      yield
+      if fn is not None:
+        jax.effects_barrier()  # every streamed step delivered before the stream closes
+    finally:
+      cls.fn = None
+
+
+def ragged(rows: Sequence[Sequence[int]], pad_id: int, multiple: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads each row to a multiple of `multiple`, right-pads to the longest → (ids, lengths)."""
+  if not rows or any(len(r) == 0 for r in rows):
+    raise CalmError("every prompt needs at least one token")
+  padded = [[pad_id] * (-len(r) % multiple) + list(r) for r in rows]
+  lens = np.array([len(r) for r in padded], np.int32)
+  out = np.full((len(rows), int(lens.max())), pad_id, np.int32)
+  for i, r in enumerate(padded):
+    out[i, :len(r)] = r
+  return out, lens
+
+
+def trim(ids: np.ndarray, eos_id: int) -> list[int]:
+  """Tokens up to and including the first EOS."""
+  hits = np.flatnonzero(ids == eos_id)
+  return ids[:hits[0] + 1].tolist() if hits.size else ids.tolist()
+
+
+def row_keys(seeds: Sequence[int] | jax.Array) -> jax.Array:
+  """One PRNG key per row from integer seeds."""
+  return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+# ----------------------------------------------------------------------------- CALM
+
+
+def _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, capacity: int) -> DecodeState:
+  B = prompt_BSK.shape[0]
+  cache = calm.init_cache(B, capacity)
+  h_BSD, cache = calm.hidden(prompt_BSK, cache=cache)
+  cache = KVCache(cache.k, cache.v, chunks_B)
+  return DecodeState(cache, h_BSD[jnp.arange(B), chunks_B - 1], keys_B,
+                     jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+
+
+def _calm_step(calm, ae, st: DecodeState, sampler: ChunkSampler, eos_id: int, pad_id: int
+               ) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """One chunk for every row → (state, chunk_BK, draws_B); a done row yields pads, 0 draws."""
+  chunk_BK, draws_B = sampling.next_chunk(calm, ae, st.carry_BX, st.step_keys(), sampler)
+  chunk_BK = jnp.where(st.done_B[:, None], pad_id, chunk_BK)
+  draws_B = jnp.where(st.done_B, 0, draws_B)
+  done_B = st.done_B | jnp.any(chunk_BK == eos_id, axis=-1)
+  h_B1D, cache = calm.hidden(chunk_BK[:, None], cache=st.cache)
+  return DecodeState(cache, h_B1D[:, 0], st.keys_B, st.step_B + 1, done_B), chunk_BK, draws_B
+
+
+_CALM_STATIC = ("calm_def", "ae_def", "sampler", "eos_id", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=("calm_def", "capacity"))
+def _calm_prefill_jit(calm_def, calm_state, prompt_BSK, chunks_B, keys_B, *, capacity):
+  return _calm_prefill(nnx.merge(calm_def, calm_state), prompt_BSK, chunks_B, keys_B, capacity)
+
+
+@functools.partial(jax.jit, static_argnames=_CALM_STATIC)
+def _calm_step_jit(calm_def, calm_state, ae_def, ae_state, st, *, sampler, eos_id, pad_id):
+  return _calm_step(nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state), st, sampler,
+                    eos_id, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=_CALM_STATIC + ("max_chunks", "stream"))
+def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B, keys_B, *,
+                   max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int,
+                   stream: bool = False):
+  calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
+  B, S, K = prompt_BSK.shape
+  st = _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, S + max_chunks)
+
+  def cond(c):
+    i, st, _, _ = c
+    return (i < max_chunks) & ~jnp.all(st.done_B)
+
+  def body(c):
+    i, st, out_BJK, draws_BJ = c
+    st, chunk_BK, draws_B = _calm_step(calm, ae, st, sampler, eos_id, pad_id)
+    if stream:  # hand each new chunk to the host as it is produced
+      jax.debug.callback(_Stream.emit, i, chunk_BK)
+    return i + 1, st, out_BJK.at[:, i].set(chunk_BK), draws_BJ.at[:, i].set(draws_B)
+
+  init = (jnp.int32(0), st, jnp.full((B, max_chunks, K), pad_id, jnp.int32),
+          jnp.zeros((B, max_chunks), jnp.int32))
+  _, st, out_BJK, draws_BJ = jax.lax.while_loop(cond, body, init)
+  return out_BJK, draws_BJ, st.done_B
+
+
+# ----------------------------------------------------------------------------- AR baseline
+
+
+def _ar_prefill(model, prompt_BT, lens_B, keys_B, capacity: int) -> DecodeState:
+  B = prompt_BT.shape[0]
+  logits_BTV, cache = model(prompt_BT, cache=model.init_cache(B, capacity))
+  cache = KVCache(cache.k, cache.v, lens_B)
+  return DecodeState(cache, logits_BTV[jnp.arange(B), lens_B - 1], keys_B,
+                     jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+
+
+def _ar_step(model, st: DecodeState, temperature, top_p, top_k: int, nucleus: bool,
+             eos_id: int, pad_id: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """One token for every row → (state, tokens_B1, ones); a done row yields pads."""
+  tok_B = sampling.sample_logits(st.carry_BX, st.step_keys(), temperature, top_k, top_p,
+                                 nucleus)
+  tok_B = jnp.where(st.done_B, pad_id, tok_B)
+  done_B = st.done_B | (tok_B == eos_id)
+  logits_B1V, cache = model(tok_B[:, None], cache=st.cache)
+  st = DecodeState(cache, logits_B1V[:, 0], st.keys_B, st.step_B + 1, done_B)
+  return st, tok_B[:, None], (~st.done_B).astype(jnp.int32)
+
+
+_AR_STATIC = ("model_def", "top_k", "nucleus", "eos_id", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "capacity"))
+def _ar_prefill_jit(model_def, state, prompt_BT, lens_B, keys_B, *, capacity):
+  return _ar_prefill(nnx.merge(model_def, state), prompt_BT, lens_B, keys_B, capacity)
+
+
+@functools.partial(jax.jit, static_argnames=_AR_STATIC)
+def _ar_step_jit(model_def, state, st, temperature, top_p, *, top_k, nucleus, eos_id, pad_id):
+  return _ar_step(nnx.merge(model_def, state), st, temperature, top_p, top_k, nucleus, eos_id,
+                  pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=_AR_STATIC + ("max_new", "stream"))
+def _ar_generate(model_def, state, prompt_BT, lens_B, keys_B, temperature, top_p, *,
+                 max_new: int, top_k: int, nucleus: bool, eos_id: int, pad_id: int,
+                 stream: bool = False):
+  model = nnx.merge(model_def, state)
+  B, T = prompt_BT.shape
+  st = _ar_prefill(model, prompt_BT, lens_B, keys_B, T + max_new)
+
+  def cond(c):
+    return (c[0] < max_new) & ~jnp.all(c[1].done_B)
+
+  def body(c):
+    i, st, out_BJ = c
+    st, tok_B1, _ = _ar_step(model, st, temperature, top_p, top_k, nucleus, eos_id, pad_id)
+    if stream:
+      jax.debug.callback(_Stream.emit, i, tok_B1)
+    return i + 1, st, out_BJ.at[:, i].set(tok_B1[:, 0])
+
+  init = (jnp.int32(0), st, jnp.full((B, max_new), pad_id, jnp.int32))
+  _, st, out_BJ = jax.lax.while_loop(cond, body, init)
+  return out_BJ, st.done_B
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class Engine:
+  """Generation for one model: `generate` (the whole loop, compiled once per shape and sampler),
+  and the pieces a continuous-batching server uses: `prefill` a batch of prompts into a
+  `DecodeState` with room for `max_new_tokens`, then `decode_step` over all its rows."""
+
+  tokens_per_step: int = 1
+
+  def __init__(self, *, eos_id: int, pad_id: int):
+    self.eos_id, self.pad_id = eos_id, pad_id
+
+  def generate(self, prompts: Sequence[Sequence[int]], keys_B: jax.Array, *,
+               max_new_tokens: int, sampler: Any,
+               on_tokens: Callable[[np.ndarray], None] | None = None) -> Generated:
+    """Continues each prompt (token ids); row b draws from keys_B[b]. `on_tokens(ids_BK)`, if
+    given, receives every step's new tokens on the host as they are produced."""
+    raise NotImplementedError
+
+  def prefill(self, prompts: Sequence[Sequence[int]], keys_B: jax.Array, *,
+              max_new_tokens: int) -> DecodeState:
+    raise NotImplementedError
+
+  def decode_step(self, state: DecodeState, sampler: Any
+                  ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One step for every row → (state, new tokens [B, tokens_per_step], draws [B])."""
+    raise NotImplementedError
+
+  def _check(self, prompts, keys_B, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+      raise CalmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if keys_B.shape[:1] != (len(prompts),):
+      raise CalmError(f"{keys_B.shape[0]} row keys for {len(prompts)} prompts")
+
+
+class CalmEngine(Engine):
+  """CALM: a chunk of K tokens per step (head sample → autoencoder decode)."""
+
+  def __init__(self, calm, ae, *, eos_id: int, pad_id: int):
+    super().__init__(eos_id=eos_id, pad_id=pad_id)
+    self.tokens_per_step = calm.chunk_size
+    self.calm_def, self.calm_state = nnx.split(calm)
+    self.ae_def, self.ae_state = nnx.split(ae)
+
+  def _prompt(self, prompts):
+    K = self.tokens_per_step
+    ids, lens = ragged(prompts, self.pad_id, K)
+    return jnp.asarray(ids.reshape(len(prompts), -1, K)), jnp.asarray(lens // K)
+
+  def generate(self, prompts, keys_B, *, max_new_tokens, sampler=ChunkSampler(),
+               on_tokens=None) -> Generated:
+    self._check(prompts, keys_B, max_new_tokens)
+    prompt_BSK, chunks_B = self._prompt(prompts)
+    with _Stream.to(on_tokens):
+      out_BJK, draws_BJ, done_B = _calm_generate(
+          self.calm_def, self.calm_state, self.ae_def, self.ae_state, prompt_BSK, chunks_B,
+          keys_B, max_chunks=-(-max_new_tokens // self.tokens_per_step), sampler=sampler,
+          eos_id=self.eos_id, pad_id=self.pad_id, stream=on_tokens is not None)
+      out = np.asarray(out_BJK).reshape(len(prompts), -1)
+      draws = np.asarray(draws_BJ)
+    used = draws != 0
+    stats = {"mean_draws": float(np.abs(draws[used]).mean()) if used.any() else 0.0,
+             "capped": int((draws < 0).sum()), "chunks": int(used.sum())}
+    tokens = [trim(r, self.eos_id)[:max_new_tokens] for r in out]
+    return Generated(tokens, [bool(t) and t[-1] == self.eos_id for t in tokens], stats)
+
+  def prefill(self, prompts, keys_B, *, max_new_tokens) -> DecodeState:
+    self._check(prompts, keys_B, max_new_tokens)
+    prompt_BSK, chunks_B = self._prompt(prompts)
+    capacity = prompt_BSK.shape[1] + -(-max_new_tokens // self.tokens_per_step)
+    return _calm_prefill_jit(self.calm_def, self.calm_state, prompt_BSK, chunks_B, keys_B,
+                             capacity=capacity)
+
+  def decode_step(self, state, sampler=ChunkSampler()):
+    return _calm_step_jit(self.calm_def, self.calm_state, self.ae_def, self.ae_state, state,
+                          sampler=sampler, eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+class AREngine(Engine):
+  """The AR baseline: one token per step."""
+
+  def __init__(self, model, *, eos_id: int, pad_id: int):
+    super().__init__(eos_id=eos_id, pad_id=pad_id)
+    self.model_def, self.state = nnx.split(model)
+
+  def _args(self, sampler: TokenSampler) -> tuple[tuple, dict]:
+    traced = (jnp.float32(sampler.temperature), jnp.float32(sampler.top_p))
+    return traced, dict(top_k=int(sampler.top_k), nucleus=bool(sampler.top_p < 1.0),
+                        eos_id=self.eos_id, pad_id=self.pad_id)
+
+  def generate(self, prompts, keys_B, *, max_new_tokens, sampler=TokenSampler(),
+               on_tokens=None) -> Generated:
+    self._check(prompts, keys_B, max_new_tokens)
+    ids, lens = ragged(prompts, self.pad_id, 1)
+    traced, static = self._args(sampler)
+    with _Stream.to(on_tokens):
+      out, done_B = _ar_generate(self.model_def, self.state, jnp.asarray(ids), jnp.asarray(lens),
+                                 keys_B, *traced, max_new=max_new_tokens,
+                                 stream=on_tokens is not None, **static)
+      out = np.asarray(out)
+    tokens = [trim(r, self.eos_id) for r in out]
+    return Generated(tokens, [bool(t) and t[-1] == self.eos_id for t in tokens], {})
+
+  def prefill(self, prompts, keys_B, *, max_new_tokens) -> DecodeState:
+    self._check(prompts, keys_B, max_new_tokens)
+    ids, lens = ragged(prompts, self.pad_id, 1)
+    return _ar_prefill_jit(self.model_def, self.state, jnp.asarray(ids), jnp.asarray(lens),
+                           keys_B, capacity=ids.shape[1] + max_new_tokens)
+
+  def decode_step(self, state, sampler=TokenSampler()):
+    traced, static = self._args(sampler)
+    return _ar_step_jit(self.model_def, self.state, state, *traced, **static)
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+def _keys(key: jax.Array, rows: int) -> jax.Array:
+  """Row b's key fold_in(key, b) (the convention of the functions below)."""
+  return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(rows, dtype=jnp.uint32))
+
+
+def generate_calm(calm, ae, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+                  max_new_tokens: int, sampler: ChunkSampler = ChunkSampler(), eos_id: int,
+                  pad_id: int, on_tokens: Callable[[np.ndarray], None] | None = None
+                  ) -> tuple[list[list[int]], dict]:
+  """Continues each prompt with CALM → (new tokens per row up to EOS, stats); row b draws from
+  fold_in(key, b). See `CalmEngine.generate`."""
+  g = CalmEngine(calm, ae, eos_id=eos_id, pad_id=pad_id).generate(
+      prompts, _keys(key, len(prompts)), max_new_tokens=max_new_tokens, sampler=sampler,
+      on_tokens=on_tokens)
+  return g.tokens, g.stats
+
+
+def generate_ar(model, prompts: Sequence[Sequence[int]], key: jax.Array, *, max_new_tokens: int,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
+                pad_id: int, on_tokens: Callable[[np.ndarray], None] | None = None
+                ) -> list[list[int]]:
+  """Continues each prompt token by token → new tokens per row up to EOS; row b draws from
+  fold_in(key, b). One compilation serves every temperature and every top-p < 1."""
+  g = AREngine(model, eos_id=eos_id, pad_id=pad_id).generate(
+      prompts, _keys(key, len(prompts)), max_new_tokens=max_new_tokens,
+      sampler=TokenSampler(temperature, top_k, top_p), on_tokens=on_tokens)
+  return g.tokens
