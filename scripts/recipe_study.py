@@ -24,7 +24,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calm import config, evaluate, metrics, paths, run  # noqa: E402
+from calm import config, data, evaluate, metrics, paths, run  # noqa: E402
 
 BASE = "configs/demo.yaml"
 AE_BASE = {"train.lr": 2e-3}
@@ -103,8 +103,9 @@ def run_variant(name: str, out: pathlib.Path, budget_flop: float, ae_steps: int,
   brier = json.loads((run_dir / "brierlm.json").read_text())
   # the final energy numbers on more held-out batches than training evaluates (less noise)
   ecfg = paths.load_config(run_dir / "config.yaml", [f"train.eval_batches={eval_batches}"])
-  r = run.load(ecfg, stages_allowed=("calm",))
-  brier["energy"] = evaluate.energy_report(ecfg, r.loaded, r.autoencoder.model, r.tokenizer,
+  r = run.load(ecfg)
+  tokens = data.token_stream(ecfg.data.eval, ecfg.data, r.tokenizer)
+  brier["energy"] = evaluate.energy_report(ecfg, r.loaded, r.autoencoder.model, tokens,
                                            ecfg.data.eval)
   ae_rows = metrics.read_jsonl(ae_dir / "metrics.jsonl")
   return {"name": name, "autoencoder": ae_over, "calm": over, "steps": steps,

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import calm
+from calm import engine
 from calm.cli import evaluation
 from calm.errors import CalmError, ConfigError
 
@@ -80,6 +81,25 @@ def test_stream_yields_the_generated_text(lively, stage):
   assert c.text == r.tokenizer.decode(c.token_ids)
   assert c.finished == (c.token_ids[-1] == r.tokenizer.eos_id)
   assert ("mean_draws" in c.stats) == (stage == "calm")
+
+
+@pytest.mark.parametrize("stage", ["calm", "ar"])
+def test_engine_steps_equal_the_loop(lively, stage):
+  """prefill + decode_step, step by step, gives the compiled loop's tokens."""
+  r = lively[stage]
+  eng, eos = r.engine, r.tokenizer.eos_id
+  ids = [r.tokenizer.encode(p) for p in PROMPTS[:3]]
+  keys = engine.row_keys([5, 6, 7])
+  sampler = r.stage.sampler(r.config.sampling)
+  g = eng.generate(ids, keys, max_new_tokens=12, sampler=sampler)
+  st = eng.prefill(ids, keys, max_new_tokens=12)
+  steps = []
+  for _ in range(-(-12 // eng.tokens_per_step)):
+    st, toks, _ = eng.decode_step(st, sampler)
+    steps.append(np.asarray(toks))
+  out = np.concatenate(steps, axis=1)
+  assert [engine.trim(row, eos)[:12] for row in out] == g.tokens
+  assert len(set(map(tuple, g.tokens))) == 3  # the rows differ
 
 
 def test_score_is_calm_eval(opened, tiny_runs, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from calm import checkpoint, config, metrics, sharding, stages, trainer
-from calm import paths, run as run_lib
+from calm import data, paths, run as run_lib
 from calm.config import MeshConfig
 from calm.errors import CalmError, CheckpointError
 
@@ -116,7 +116,8 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
   assert "norm_score" not in trainer.train(flow, progress=False).eval_history[-1]
 
   r = run_lib.load(cfg, stages_allowed=("calm",))
-  energy = evaluate.energy_report(cfg, r.loaded, r.autoencoder.model, r.tokenizer, cfg.data.eval)
+  tokens = data.token_stream(cfg.data.eval, cfg.data, r.tokenizer)
+  energy = evaluate.energy_report(cfg, r.loaded, r.autoencoder.model, tokens, cfg.data.eval)
   for k in ("loss", "baseline_loss", "oracle_loss", "norm_score"):
     np.testing.assert_allclose(energy[k], last[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
