@@ -28,7 +28,7 @@ from flax import nnx
 
 from calm import config as config_lib, pytree, sharding
 from calm.config import CheckpointConfig, Config
-from calm.errors import CalmError, CheckpointError
+from calm.errors import CalmError, CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
@@ -170,6 +170,29 @@ def check_compatible(saved: Config | dict, current: Config | dict,
     if a != b:
       raise CheckpointError(f"{what}: {k} is {a!r} in the checkpoint but {b!r} in the current "
                             f"config")
+
+
+def has_checkpoint(run_dir: str | pathlib.Path) -> bool:
+  """Whether `run_dir` holds at least one checkpoint step."""
+  ckpt_dir = pathlib.Path(run_dir) / SUBDIR
+  return ckpt_dir.is_dir() and bool(_steps(ckpt_dir))
+
+
+def check_resumable(run_dir: str | pathlib.Path, cfg: Config) -> int | None:
+  """The latest step of the run in `run_dir` if `cfg` can resume it (None: no checkpoint yet);
+  a CheckpointError / ConfigError naming the mismatch otherwise. Reads metadata only, so a
+  refused resume is refused before anything is written."""
+  if not has_checkpoint(run_dir):
+    return None
+  ckpt_dir = pathlib.Path(run_dir) / SUBDIR
+  step, meta = read_metadata(run_dir)
+  where = str(ckpt_dir / str(step))
+  _check_stage(meta, cfg.stage, where)
+  check_compatible(meta, cfg, arch_keys(cfg.stage), what=where)
+  if cfg.train.steps < step:
+    raise ConfigError(f"train.steps: {cfg.train.steps} is below step {step}, which {run_dir} "
+                      f"has reached; give train.steps >= {step} to continue it")
+  return step
 
 
 def _check_stage(meta: dict, expect: str | None, where: str) -> None:

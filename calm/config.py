@@ -297,6 +297,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     value = yaml.safe_load(val) if val.strip() else ""
   except yaml.YAMLError:
     value = val
+  if isinstance(value, (dict, list)) and not val.strip().startswith(("{", "[")):
+    value = val.strip()  # `prepared:` or `a: b` are text, not a mapping
   return key, value
 
 
@@ -346,7 +348,9 @@ def dump(cfg: Config, path: str | pathlib.Path) -> None:
   """Writes the resolved config as YAML."""
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  tmp = p.with_name(p.name + ".tmp")  # written whole, then renamed over the old one
+  tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  tmp.replace(p)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
@@ -447,4 +451,6 @@ def validate(cfg: Config) -> None:
   _require(e.block_tokens >= 4 and e.block_tokens % m.chunk_size == 0, "eval.block_tokens",
            f"{e.block_tokens} is not a multiple of model.chunk_size {m.chunk_size} (>= 4)")
   _require(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  _require(e.max_documents >= 0, "eval.max_documents", f"must be >= 0 (0 = all), got "
+           f"{e.max_documents}")
   _require(e.group >= 0, "eval.group", "must be >= 0 (0 = automatic)")

@@ -354,9 +354,27 @@ def tokenized_documents(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -
   return np.split(flat, np.cumsum(lengths)[:-1])
 
 
+def prepared_root(spec: str) -> pathlib.Path:
+  """The directory of a prepared spec, which must exist (a one-line DataError otherwise)."""
+  root = shards.prepared_dir(spec)
+  if root is None or not str(root).strip() or str(root) == ".":
+    raise DataError(f"{spec!r}: name the prepared directory (prepared:DIR)")
+  if not root.is_dir():
+    raise DataError(f"{spec}: no such prepared directory {root}")
+  return root
+
+
 def open_prepared(spec: str, tokenizer: Tokenizer) -> shards.PreparedTokens:
   """The prepared token stream a `prepared:DIR` spec names, checked against the tokenizer."""
-  return shards.PreparedTokens(shards.prepared_dir(spec), tokenizer.fingerprint)
+  return shards.PreparedTokens(prepared_root(spec), tokenizer.fingerprint)
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
+  """Every id must be a row of the model's embedding (a corrupt or foreign shard is not)."""
+  if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+    bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+    raise DataError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab_size} "
+                    f"(a corrupt shard, or one made with another tokenizer)")
 
 
 def _cache_key(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> str | None:

@@ -178,23 +178,25 @@ def reference_energy_losses(mu_BSL: jax.Array, logstd_BSL: jax.Array, pool_mu_PL
                             pool_logstd_PL: jax.Array, key: jax.Array, h: HeadConfig
                             ) -> Metrics:
   """Energy losses of two context-free reference heads, with `calm_loss`'s estimator (same N, M,
-  β and, for the same key, the same M target draws):
+  β and, for the same key — one, or one per row — the same M target draws):
 
     baseline: each of the N samples is drawn from the posterior of a uniformly random chunk of
       the pool (the evaluation set's marginal: the best a head can do without the context);
     oracle: the N samples are drawn from the true next chunk's posterior.
   """
-  k_noise, k_eps = jax.random.split(key)
-  k_pick, k_base, k_orc = jax.random.split(k_noise, 3)
+  k_noise, k_eps = split_rows(row_keys(key, mu_BSL.shape[0]), 2)
+  k_pick, k_base, k_orc = split_rows(k_noise, 3)
   sigma_BSL = jnp.exp(logstd_BSL)
-  y_MBSL = mu_BSL + sigma_BSL * jax.random.normal(
-      k_eps, (h.num_target_samples, *mu_BSL.shape), jnp.float32)
+  normal = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  y_MBSL = mu_BSL + sigma_BSL * draw_rows(k_eps, normal, (h.num_target_samples, *mu_BSL.shape),
+                                          axis=1)
   shape_NBS = (h.num_samples, *mu_BSL.shape[:-1])
-  pick_NBS = jax.random.randint(k_pick, shape_NBS, 0, pool_mu_PL.shape[0])
-  base_NBSL = pool_mu_PL[pick_NBS] + jnp.exp(pool_logstd_PL[pick_NBS]) * jax.random.normal(
-      k_base, (*shape_NBS, mu_BSL.shape[-1]), jnp.float32)
-  orc_NBSL = mu_BSL + sigma_BSL * jax.random.normal(
-      k_orc, (h.num_samples, *mu_BSL.shape), jnp.float32)
+  pick_NBS = draw_rows(k_pick, lambda k, s: jax.random.randint(k, s, 0, pool_mu_PL.shape[0]),
+                       shape_NBS, axis=1)
+  base_NBSL = pool_mu_PL[pick_NBS] + jnp.exp(pool_logstd_PL[pick_NBS]) * draw_rows(
+      k_base, normal, (*shape_NBS, mu_BSL.shape[-1]), axis=1)
+  orc_NBSL = mu_BSL + sigma_BSL * draw_rows(k_orc, normal, (h.num_samples, *mu_BSL.shape),
+                                            axis=1)
   return {"baseline_loss": -jnp.mean(energy_score(base_NBSL, y_MBSL, h.beta)),
           "oracle_loss": -jnp.mean(energy_score(orc_NBSL, y_MBSL, h.beta))}
 

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from calm import losses
+from calm.flops import ae_macs_per_chunk, backbone_macs_per_position  # noqa: F401
 from calm.config import Config, ModelConfig
 
 
@@ -99,25 +100,6 @@ def mean_tree(rows: list[Mapping[str, Any]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def backbone_macs_per_position(cfg: ModelConfig, context: float) -> float:
-  """Multiply-accumulates of one position through the backbone with `context` keys attended."""
-  b = cfg.backbone
-  attn_proj = b.hidden_dim * (b.num_heads + 2 * b.num_kv_heads) * b.head_dim
-  attn_proj += b.num_heads * b.head_dim * b.hidden_dim
-  scores = 2 * context * b.num_heads * b.head_dim  # QKᵀ and AV
-  return b.num_layers * (attn_proj + scores + 3 * b.hidden_dim * b.ffn_dim)
-
-
-def ae_macs_per_chunk(cfg: ModelConfig) -> tuple[float, float]:
-  """(encoder, decoder) multiply-accumulates for one chunk, logits included in the decoder."""
-  a, K, L = cfg.autoencoder, cfg.chunk_size, cfg.latent_dim
-  d, block = a.hidden_dim, 3 * a.hidden_dim * a.ffn_dim
-  e1, d1 = a.num_encoder_layers // 2, a.num_decoder_layers // 2
-  enc = (K * e1 + (a.num_encoder_layers - e1)) * block + K * d * d + d * 2 * L
-  dec = L * d + (d1 + K * (a.num_decoder_layers - d1)) * block + d * K * d + K * d * cfg.vocab_size
-  return enc, dec
-
-
 def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
                           seq_tokens: int | None = None) -> float:
   """Training FLOPs per token (for MFU): 6·MACs of trained matmuls (forward + backward), 2·MACs
@@ -149,12 +131,25 @@ def energy_references(ae_graphdef, ae_params, batches: list[jax.Array], keys: li
   ref = jax.jit(lambda mu, ls, pm, pl, k: losses.reference_energy_losses(mu, ls, pm, pl, k,
                                                                           cfg.head))
   rows = [jax.device_get(ref(mu, ls, pool_mu, pool_logstd, k)) for (mu, ls), k in zip(pairs, keys)]
-  return mean_tree(rows)
+  out = mean_tree(rows)
+  gaps = [float(r["baseline_loss"]) - float(r["oracle_loss"]) for r in rows]
+  # standard error of the baseline − oracle gap over batches (0 with one batch: unknown)
+  out["reference_gap_se"] = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else 0.0
+  return out
 
 
 def with_references(ev: dict[str, float], refs: dict[str, float]) -> dict[str, float]:
-  """CALM eval metrics plus the reference lines and the normalised score of `ev["loss"]`."""
-  return {**ev, **refs, "norm_score": float(losses.normalised_score(ev["loss"], **refs))}
+  """CALM eval metrics plus the reference lines and the normalised score of `ev["loss"]`.
+
+  The score divides by baseline − oracle: when that gap is not clearly positive (≤ 0, or within
+  two standard errors over the evaluation batches, as for barely trained models) the score
+  means nothing and is left out (reported as n/a)."""
+  out = {**ev, **refs}
+  gap = refs["baseline_loss"] - refs["oracle_loss"]
+  if gap > 0 and gap > 2.0 * refs.get("reference_gap_se", 0.0):
+    out["norm_score"] = float(losses.normalised_score(ev["loss"], refs["baseline_loss"],
+                                                      refs["oracle_loss"]))
+  return out
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

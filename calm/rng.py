@@ -9,6 +9,7 @@ sampling/evaluation commands take theirs from their config sections.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 INIT, TRAIN, EVAL = 1, 2, 3
@@ -17,6 +18,14 @@ INIT, TRAIN, EVAL = 1, 2, 3
 def stream(seed: int, purpose: int) -> jax.Array:
   """The root key of one purpose's stream."""
   return jax.random.fold_in(jax.random.key(seed), purpose)
+
+
+def eval_row_keys(seed: int, start: int, rows: int) -> jax.Array:
+  """Keys of held-out rows start .. start+rows−1: fold_in(stream(seed, EVAL), row), so a row's
+  evaluation noise does not depend on how the rows are cut into (micro-)batches."""
+  root = stream(seed, EVAL)
+  return jax.vmap(lambda r: jax.random.fold_in(root, r))(
+      jnp.arange(start, start + rows, dtype=jnp.uint32))
 
 
 def init_rngs(seed: int) -> nnx.Rngs:

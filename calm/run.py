@@ -19,7 +19,7 @@ from flax import nnx
 
 from calm import checkpoint, data, paths, shards, stages
 from calm.config import Config, SamplingConfig
-from calm.errors import CalmError, ConfigError, DataError
+from calm.errors import CalmError, CheckpointError, ConfigError, DataError
 from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ def frozen_autoencoder(cfg: Config, mesh=None, metadata: dict | None = None) -> 
   loaded = load_model(ae_dir, mesh=mesh, expect_stage="autoencoder")
   checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.arch_keys("autoencoder"),
                               what=f"autoencoder {ae_dir}")
+  want = (metadata or {}).get("autoencoder_fingerprint")
+  if want:  # the autoencoder this model was trained on, not just one of the same shape
+    step, got = checkpoint.fingerprint(ae_dir, loaded.step)
+    if got != want:
+      raise CheckpointError(
+          f"train.autoencoder: {ae_dir} step {step} is not the autoencoder this model was "
+          f"trained on ({metadata.get('autoencoder')} step {metadata.get('autoencoder_step')}, "
+          f"fingerprint {want[:12]}); give that run with train.autoencoder=DIR")
   return loaded
 
 
@@ -89,8 +97,8 @@ def get_tokenizer(cfg: Config, run_dir: str | os.PathLike, *, ae_dir: str | os.P
     tok, where = load_tokenizer(ae_tok), str(ae_tok)
   elif local.is_file():
     tok, where = load_tokenizer(local), str(local)
-  elif (prepared := shards.prepared_dir(cfg.data.train)) is not None:
-    src = prepared / shards.TOKENIZER
+  elif shards.prepared_dir(cfg.data.train) is not None:
+    src = data.prepared_root(cfg.data.train) / shards.TOKENIZER
     if not src.is_file():
       raise DataError(f"no tokenizer: {src} does not exist and data.tokenizer is not set")
     tok, where = load_tokenizer(src), str(src)
@@ -340,6 +348,9 @@ training batch of blocks; with fewer documents it is left out (`energy` is None)
       flat, lengths = data.encode_documents(texts, self.tokenizer)
       docs = np.split(flat, np.cumsum(lengths)[:-1])
       tokens = flat if energy else None
+    vocab = self.loaded.config.model.vocab_size
+    for d in docs:
+      data.check_token_ids(d, vocab, source)
     rc = self.loaded.config  # the energy report needs one training batch of blocks
     if tokens is not None and len(tokens) < rc.train.batch_size * rc.data.block_tokens:
       tokens = None
@@ -406,7 +417,19 @@ def load(cfg: Config, *, step: int | None = None, mesh=None,
     ae = frozen_autoencoder(cfg, mesh, loaded.metadata)
     ae_dir = ae.run_dir
   tok = get_tokenizer(cfg, cfg.run_dir, ae_dir=ae_dir, train_if_missing=False)
+  check_tokenizer(tok, loaded.metadata, f"the model in {cfg.run_dir}")
   return Run(config=cfg, loaded=loaded, autoencoder=ae, tokenizer=tok)
+
+
+def check_tokenizer(tokenizer: Tokenizer, metadata: dict, what: str) -> None:
+  """The tokenizer in use must be the one `what` was trained with (its fingerprint is recorded
+  in the checkpoint metadata; older checkpoints without one are not checked)."""
+  want = metadata.get("tokenizer_fingerprint")
+  if want and want != tokenizer.fingerprint:
+    raise ConfigError(f"data.tokenizer: {what} was trained with another tokenizer (fingerprint "
+                      f"{want[:12]}) than the one in use ({tokenizer.fingerprint[:12]}); drop the "
+                      f"data.tokenizer override, or give the file of the tokenizer it was "
+                      f"trained with")
 
 
 def open(path: str | os.PathLike, step: int | None = None, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -204,10 +205,15 @@ class TrainResult:
   run_dir: pathlib.Path
 
 
-def _prepare_run_dir(cfg: Config) -> pathlib.Path:
-  run_dir = pathlib.Path(cfg.run_dir)
+def _check_run_dir(run_dir: pathlib.Path) -> None:
   if run_dir.exists() and not run_dir.is_dir():
     raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+  parent = next((p for p in run_dir.parents if p.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise ConfigError(f"run_dir: a parent of {run_dir} exists and is not a directory")
+
+
+def _make_run_dir(run_dir: pathlib.Path) -> None:
   if jax.process_index() == 0:
     try:
       run_dir.mkdir(parents=True, exist_ok=True)
@@ -215,15 +221,13 @@ def _prepare_run_dir(cfg: Config) -> pathlib.Path:
       raise ConfigError(f"run_dir: a parent of {run_dir} exists and is not a directory") from None
     except OSError as e:
       raise ConfigError(f"run_dir: cannot create {run_dir}: {e.strerror}") from None
-    paths.save_config(cfg)
-  return run_dir
 
 
 class LogHook:
   """Every `train.log_every` steps: window-averaged metrics, tokens/s, TFLOP/s per device, MFU."""
 
-  def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm):
-    self.every, self.logger, self.bar = cfg.train.log_every, logger, bar
+  def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm, plain: bool = False):
+    self.every, self.logger, self.bar, self.plain = cfg.train.log_every, logger, bar, plain
     self.flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage,
                                                         cfg.data.block_tokens)
     self.peak = cfg.train.peak_flops or metrics.measure_peak_flops(dtype=cfg.model.dtype)
@@ -243,6 +247,8 @@ class LogHook:
     self.window.clear()
     self.logger.write(step, avg, prefix="train/")
     self.bar.set_postfix(loss=f"{avg['loss']:.4g}", tok_s=f"{tok_s:.0f}")
+    if self.bar.disable and self.plain:  # no bar (not a terminal): one plain line instead
+      print(f"step {step}: loss {avg['loss']:.4g}, {tok_s:.0f} tokens/s", flush=True)
 
 
 class EvalHook:
@@ -251,15 +257,15 @@ class EvalHook:
   def __init__(self, s: Setup, blocks_QT: np.ndarray, logger: metrics.MetricsLogger):
     self.s, self.blocks, self.logger = s, blocks_QT, logger
     self.every = s.cfg.train.eval_every
-    self.key = rng.stream(s.cfg.seed, rng.EVAL)
     self.history: list[dict] = []
     self.refs: dict[str, float] = {}  # CALM energy reference lines, once per evaluation set
 
   def __call__(self, step: int, params: Any) -> None:
     cfg, rows, batches, keys = self.s.cfg, [], [], []
-    for n, i in enumerate(range(0, len(self.blocks), cfg.train.micro_batch)):
+    micro = cfg.train.micro_batch
+    for i in range(0, len(self.blocks), micro):
       batches.append(_local_eval_slice(self.blocks, i, cfg, self.s.batch_sharding))
-      keys.append(jax.random.fold_in(self.key, n))
+      keys.append(rng.eval_row_keys(cfg.seed, i, micro))  # one key per held-out row
       rows.append(jax.device_get(self.s.eval_step(params, batches[-1], keys[-1],
                                                   self.s.ae_params)))
     ev = metrics.mean_tree(rows)
@@ -288,20 +294,46 @@ def _eval_blocks(cfg: Config, tokenizer, run_dir: pathlib.Path) -> np.ndarray | 
 def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
   """Trains `cfg.stage` in `cfg.run_dir`, resuming from its latest checkpoint.
 
-  `max_steps` stops early (for tests) without changing the schedule.
+  Everything that can refuse the run (the run directory, a checkpoint of another stage or
+  architecture, train.steps below the checkpoint's step, a changed tokenizer or autoencoder) is
+  checked before `config.yaml` is (re)written, and a new run directory that fails before its
+  first checkpoint is removed again. `max_steps` stops early (for tests) without changing the
+  schedule.
   """
-  distributed.maybe_initialize(cfg.distributed)
-  run_dir = _prepare_run_dir(cfg)
+  info = distributed.maybe_initialize(cfg.distributed, verbose=False)
+  if info.process_count > 1:
+    print(info, flush=True)
+  run_dir = pathlib.Path(cfg.run_dir)
+  _check_run_dir(run_dir)
+  checkpoint.check_resumable(run_dir, cfg)
+  created = not run_dir.exists()
+  try:
+    return _train(cfg, run_dir, info, max_steps=max_steps, progress=progress)
+  except CalmError:
+    if created and jax.process_index() == 0 and not checkpoint.has_checkpoint(run_dir):
+      shutil.rmtree(run_dir, ignore_errors=True)
+    raise
+
+
+def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
+           progress: bool) -> TrainResult:
   main = jax.process_index() == 0
   s = setup(cfg)
+  _make_run_dir(run_dir)
   tokenizer = run.get_tokenizer(cfg, run_dir, ae_dir=s.ae_dir)
+  if s.ae_dir is not None:
+    run.check_tokenizer(tokenizer, checkpoint.read_metadata(s.ae_dir)[1],
+                    f"the autoencoder {s.ae_dir}")
+  if checkpoint.has_checkpoint(run_dir):
+    run.check_tokenizer(tokenizer, checkpoint.read_metadata(run_dir)[1], f"the run {run_dir}")
   it = data.make_train_iterator(cfg, tokenizer, run_dir, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
 
   meta = {"stage": cfg.stage, "config": config.to_dict(cfg), "paths": paths.absolute_paths(cfg),
           "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
-          "tokenizer_vocab_size": tokenizer.vocab_size}
+          "tokenizer_vocab_size": tokenizer.vocab_size,
+          "tokenizer_fingerprint": tokenizer.fingerprint}
   ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
   params, opt_state, start = s.params, s.opt_state, 0
   latest = ckpt.latest_step()
@@ -315,6 +347,8 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
     it.set_state(restored.data_state)
     if main:
       print(f"resumed {cfg.stage} from step {start} in {run_dir}")
+  if main:
+    paths.save_config(cfg)  # only now: the run is accepted
   ckpt.install_preemption_handler()
   end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
 
@@ -327,12 +361,13 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
     flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
     print(f"{cfg.stage}: {s.num_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} "
           f"MFLOP/token, compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
-          f"mesh {dict(s.mesh.shape)}, steps {start}→{end}")
+          f"mesh {dict(s.mesh.shape)} ({info}), steps {start}→{end}")
 
   logger = metrics.MetricsLogger(run_dir)
-  bar = tqdm(total=end, initial=start, disable=not (progress and main), desc=cfg.stage,
-             dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-  log_hook = LogHook(cfg, logger, bar)
+  # a progress bar only on a terminal: in a log file its redraws are one long line
+  bar = tqdm(total=end, initial=start, disable=not (progress and main and sys.stderr.isatty()),
+             desc=cfg.stage, dynamic_ncols=True, mininterval=1.0)
+  log_hook = LogHook(cfg, logger, bar, plain=progress and main)
   eval_hook = EvalHook(s, eval_blocks, logger) if eval_blocks is not None else None
   train_key = rng.stream(cfg.seed, rng.TRAIN)
   history: list[dict] = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calm import brier, config, evaluate
+from calm import brier, config, evaluate, scoring
 from calm.models import layers
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
@@ -151,8 +151,8 @@ def test_score_documents_equal_with_full_decode(tiny, monkeypatch):
   docs = [np.arange(5, 5 + 60) % 500, np.zeros(37, np.int64) + 3, np.arange(30) % 7 + 10]
   kw = dict(block_tokens=32, chunk_size=4, batch_size=6, seed=0, pad_id=0)
   lazy = evaluate.score_documents("calm", (calm, ae), docs, **kw)
-  orig = evaluate.calm_block_scores
-  monkeypatch.setattr(evaluate, "calm_block_scores", lambda c, a, *args: orig(
+  orig = scoring.calm_block_scores
+  monkeypatch.setattr(scoring, "calm_block_scores", lambda c, a, *args: orig(
       c, a, *args, draw=functools.partial(decode_candidates, c, a)))
   evaluate._score_batch.clear_cache()
   full = evaluate.score_documents("calm", (calm, ae), docs, **kw)

@@ -18,6 +18,8 @@ from calm.errors import CalmError, ConfigError
 
 def read_prompt(prompt: str | None, file: str | None) -> str:
   """The prompt text: --prompt, else the UTF-8 contents of --file, else stdin."""
+  if prompt is not None and file:
+    raise CalmError("give the prompt with --prompt or --file, not both")
   if prompt is not None and not file:
     return prompt
   if file:

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping
 
 from calm import config as config_lib, stages
 from calm.config import Config, ModelConfig
+from calm.convert.tables import backbone_defaults, head_dim_problems, llama_fields  # noqa: F401
 from calm.errors import ConfigError
 
 
@@ -112,31 +113,6 @@ def read_config_json(src: str | pathlib.Path) -> dict:
   if not isinstance(raw, dict):
     raise ConfigError(f"{path}: must hold a JSON object")
   return raw
-
-
-def head_dim_problems(raw: Mapping[str, Any]) -> list[str]:
-  """A backbone's `head_dim`, when given, must be hidden_size / num_attention_heads."""
-  hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
-  if raw.get("head_dim") is not None and hidden and heads and raw["head_dim"] != hidden // heads:
-    return [f"head_dim={raw['head_dim']} (must be hidden_size / num_attention_heads)"]
-  return []
-
-
-def backbone_defaults(canon: Mapping[str, Any]) -> dict[str, Any]:
-  """A Llama config without `num_key_value_heads` has one KV head per query head."""
-  if "num_key_value_heads" in canon:
-    return {}
-  return {"model.backbone.num_kv_heads": canon["num_attention_heads"]}
-
-
-def llama_fields(m: ModelConfig) -> dict[str, Any]:
-  """The backbone's fields of a reference config.json."""
-  b = m.backbone
-  return {"vocab_size": m.vocab_size, "hidden_size": b.hidden_dim,
-          "intermediate_size": b.ffn_dim, "num_hidden_layers": b.num_layers,
-          "num_attention_heads": b.num_heads, "num_key_value_heads": b.num_kv_heads,
-          "rope_theta": b.rope_theta, "rms_norm_eps": b.norm_eps, "hidden_act": "silu",
-          "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
 
 
 def _check_fixed(raw: Mapping[str, Any], stage, where: str) -> None:

@@ -142,7 +142,7 @@ class AdaLNHeadParts:
   @staticmethod
   def reference_rows(ours: str) -> list:
     """Name-table rows of the reference `generative_head.net` (`SimpleMLPAdaLN`) → `ours.net`."""
-    from calm.convert.names import adaln_table
+    from calm.convert.tables import adaln_table
 
     return adaln_table("generative_head.net", f"{ours}.net")
 

@@ -134,7 +134,7 @@ class EnergyHead(nnx.Module):
   @staticmethod
   def reference_rows(ours: str) -> list:
     """Name-table rows (see `calm.convert.names`) of the reference head → `ours`."""
-    from calm.convert.names import _layernorm, _linear
+    from calm.convert.tables import _layernorm, _linear
 
     g = "mlp_generator"
     rows = _linear(f"{g}.noise_embd", f"{ours}.noise_in")
@@ -152,7 +152,7 @@ class EnergyHead(nnx.Module):
   @staticmethod
   def normalize_reference(w: dict, where: str) -> dict:
     """`generative_head.*` is the same module as `mlp_generator.*` in the reference."""
-    from calm.convert.names import _merge_alias
+    from calm.convert.tables import _merge_alias
 
     for k in [k for k in w if k.startswith("generative_head.")]:
       _merge_alias(w, k, "mlp_generator." + k[len("generative_head."):], where)

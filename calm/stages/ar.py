@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from calm import losses
+from calm import losses, scoring
 from calm.config import Config, ModelConfig
 from calm.models.ar import ARModel
-from calm.stages import Stage
+from calm.stages.base import Stage
 
 BACKBONE_KEYS = ("model.backbone.hidden_dim", "model.backbone.num_layers",
                  "model.backbone.num_heads", "model.backbone.num_kv_heads",
@@ -25,7 +25,7 @@ class ARStage(Stage):
 
   @staticmethod
   def flops_per_token(m: ModelConfig, seq_tokens: int) -> float:
-    from calm.metrics import backbone_macs_per_position
+    from calm.flops import backbone_macs_per_position
 
     macs = backbone_macs_per_position(m, seq_tokens / 2)
     return 6.0 * (macs + m.backbone.hidden_dim * m.vocab_size)
@@ -46,14 +46,10 @@ class ARStage(Stage):
   # --------------------------------------------------------------------------- BrierLM
 
   def brier_scores(self, models, ids_BT, key, chunk_size, group):
-    from calm.evaluate import ar_block_scores
-
-    return ar_block_scores(models[0], ids_BT, key, chunk_size, group)
+    return scoring.ar_block_scores(models[0], ids_BT, key, chunk_size, group)
 
   def brier_first_tokens(self, block_tokens, chunk_size):
-    from calm.evaluate import NGRAMS, ar_positions
-
-    return ar_positions(block_tokens, chunk_size) + NGRAMS
+    return scoring.ar_positions(block_tokens, chunk_size) + scoring.NGRAMS
 
   def brier_bytes_per_position(self, batch, vocab, chunk_size):
     # logits, log-probabilities, Gumbel noise and their sum live at once
@@ -65,13 +61,13 @@ class ARStage(Stage):
   # --------------------------------------------------------------------------- conversion
 
   def name_table(self, m):
-    from calm.convert.names import ar_table
+    from calm.convert.tables import ar_table
 
     return ar_table(m.tie_ar_embeddings)
 
   def normalize_reference(self, w, m, where):
     """`rotary_emb.inv_freq` buffers dropped; a tied `lm_head` must equal the embedding."""
-    from calm.convert.names import _merge_alias
+    from calm.convert.tables import _merge_alias
 
     w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
     if m is not None and m.tie_ar_embeddings:
@@ -79,7 +75,7 @@ class ARStage(Stage):
     return w
 
   def check_reference(self, raw):
-    from calm.convert.hf_config import head_dim_problems
+    from calm.convert.tables import head_dim_problems
 
     bad = head_dim_problems(raw)
     if raw.get("model_type", "llama") != "llama":
@@ -87,13 +83,13 @@ class ARStage(Stage):
     return bad
 
   def fields_from_reference(self, raw, canon):
-    from calm.convert.hf_config import backbone_defaults
+    from calm.convert.tables import backbone_defaults
 
     return {"model.tie_ar_embeddings": bool(raw.get("tie_word_embeddings", False)),
             **backbone_defaults(canon)}
 
   def reference_config(self, cfg: Config) -> dict:
-    from calm.convert.hf_config import llama_fields
+    from calm.convert.tables import llama_fields
 
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             **llama_fields(cfg.model), "tie_word_embeddings": cfg.model.tie_ar_embeddings,

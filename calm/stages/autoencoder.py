@@ -7,7 +7,7 @@ import jax
 from calm import losses
 from calm.config import Config, ModelConfig
 from calm.models.autoencoder import Autoencoder
-from calm.stages import Metrics, Stage
+from calm.stages.base import Metrics, Stage
 
 ARCH_KEYS = ("model.vocab_size", "model.chunk_size", "model.latent_dim",
              "model.autoencoder.hidden_dim", "model.autoencoder.ffn_dim",
@@ -17,14 +17,18 @@ ARCH_KEYS = ("model.vocab_size", "model.chunk_size", "model.latent_dim",
 def reconstruction(ae: Autoencoder, ids_BT: jax.Array, key: jax.Array, chunk_size: int,
                    sigmas: tuple[float, ...]) -> Metrics:
   """Held-out reconstruction from μ: token accuracy, chunk exact match, CE, and accuracy under
-  Gaussian noise of each σ added to the latent."""
+  Gaussian noise of each σ added to the latent (row b's noise from its row key, see
+  `losses.row_keys`)."""
   ids_BSK = ids_BT.reshape(ids_BT.shape[0], -1, chunk_size)
   mu_BSL, _ = ae.encode(ids_BSK)
+  keys_B = losses.row_keys(key, ids_BT.shape[0])
 
   ce_BSK, hit_BSK = losses.cross_entropy(ae.decode(mu_BSL), ids_BSK)
   out = {"ce": ce_BSK.mean(), "token_acc": hit_BSK.mean(), "chunk_exact": hit_BSK.all(-1).mean()}
   for i, s in enumerate(sigmas):
-    eps = jax.random.normal(jax.random.fold_in(key, i), mu_BSL.shape, mu_BSL.dtype)
+    keys_i = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys_B)
+    eps = losses.draw_rows(keys_i, lambda k, s: jax.random.normal(k, s, mu_BSL.dtype),
+                           mu_BSL.shape)
     _, hit = losses.cross_entropy(ae.decode(mu_BSL + s * eps), ids_BSK)
     out[f"token_acc_noise{s:g}"] = hit.mean()
   return out
@@ -46,7 +50,7 @@ class AutoencoderStage(Stage):
 
   @staticmethod
   def flops_per_token(m: ModelConfig, seq_tokens: int) -> float:
-    from calm.metrics import ae_macs_per_chunk
+    from calm.flops import ae_macs_per_chunk
 
     enc, dec = ae_macs_per_chunk(m)
     return 6.0 * (enc + dec) / m.chunk_size
@@ -54,14 +58,14 @@ class AutoencoderStage(Stage):
   # --------------------------------------------------------------------------- conversion
 
   def name_table(self, m):
-    from calm.convert.names import autoencoder_table
+    from calm.convert.tables import autoencoder_table
 
     return autoencoder_table()
 
   def normalize_reference(self, w, m, where):
     """`ae_model.` prefix optional (when present, other tensors are ignored: a CALM directory
     that embeds its autoencoder); the tied `decoder.lm_head_weight` must equal the embedding."""
-    from calm.convert.names import _merge_alias
+    from calm.convert.tables import _merge_alias
 
     if any(k.startswith("ae_model.") for k in w):
       w = {k[len("ae_model."):]: v for k, v in w.items() if k.startswith("ae_model.")}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from calm import heads, losses
+from calm import heads, losses, scoring
 from calm.config import Config, ModelConfig
 from calm.errors import ConfigError
 from calm.models.calm import CALM
-from calm.stages import Stage
+from calm.stages.base import Stage
 from calm.stages.ar import BACKBONE_KEYS
 from calm.stages.autoencoder import ARCH_KEYS as AE_KEYS
 
@@ -47,7 +47,7 @@ class CalmStage(Stage):
   @staticmethod
   def flops_per_token(m: ModelConfig, seq_tokens: int) -> float:
     """6·MACs of the trained parts, 2·MACs of the frozen AE encoder, per token."""
-    from calm.metrics import ae_macs_per_chunk, backbone_macs_per_position
+    from calm.flops import ae_macs_per_chunk, backbone_macs_per_position
 
     K, d = m.chunk_size, m.backbone.hidden_dim
     compress = K * d * 2 * d + 2 * d * d
@@ -73,15 +73,11 @@ class CalmStage(Stage):
   # --------------------------------------------------------------------------- BrierLM
 
   def brier_scores(self, models, ids_BT, key, chunk_size, group):
-    from calm.evaluate import calm_block_scores
-
-    return calm_block_scores(models[0], models[1], ids_BT, key, group)[0]
+    return scoring.calm_block_scores(models[0], models[1], ids_BT, key, group)[0]
 
   def brier_first_tokens(self, block_tokens, chunk_size):
-    from calm.evaluate import NGRAMS
-
     K = chunk_size
-    m = -(-NGRAMS // K)
+    m = -(-scoring.NGRAMS // K)
     # position s is scored when its target tokens [(s+1)K, (s+1+m)K) are real
     return (np.arange(block_tokens // K - m) + 1 + m) * K
 
@@ -94,7 +90,7 @@ class CalmStage(Stage):
   # --------------------------------------------------------------------------- conversion
 
   def name_table(self, m):
-    from calm.convert.names import calm_table
+    from calm.convert.tables import calm_table
 
     return calm_table(m.head.kind)
 
@@ -105,7 +101,7 @@ class CalmStage(Stage):
     return heads.get((m or ModelConfig()).head.kind).normalize_reference(w, where)
 
   def check_reference(self, raw):
-    from calm.convert.hf_config import head_dim_problems
+    from calm.convert.tables import head_dim_problems
 
     bad = head_dim_problems(raw)
     if head_kind_of(raw.get("model_type", "energy")) is None:
@@ -113,13 +109,13 @@ class CalmStage(Stage):
     return bad
 
   def fields_from_reference(self, raw, canon):
-    from calm.convert.hf_config import backbone_defaults
+    from calm.convert.tables import backbone_defaults
 
     return {"model.head.kind": head_kind_of(raw.get("model_type", "energy")),
             **backbone_defaults(canon)}
 
   def reference_config(self, cfg: Config) -> dict:
-    from calm.convert.hf_config import llama_fields
+    from calm.convert.tables import llama_fields
 
     m, a, h = cfg.model, cfg.model.autoencoder, cfg.model.head
     head = heads.get(h.kind)
