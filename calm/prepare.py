@@ -6,8 +6,11 @@ ranges of large uncompressed JSON Lines files, record ranges of a TFDS split); w
 stream each piece's documents through the tokenizer (memory does not grow with the corpus) into
 `shard-NNNNN.bin` (EOS after every document). A shard is written under a temporary name and
 renamed when complete, so after a kill a rerun keeps the finished shards, redoes the rest and
-gives the same bytes whatever the number of processes. `manifest.json` is written last (see
-`calm.shards`); train with `data.train=prepared:DIR data.tokenizer=DIR/tokenizer.json`.
+gives the same bytes whatever the number of processes. `plan.json` (the absolute source, the
+tokenizer, the pieces) is written first, once everything is checked: a rerun with the same plan
+resumes, any other is refused unless `--force` (which starts over), and a preparation that fails
+removes what it wrote. `manifest.json` is written last (see `calm.shards`); train with
+`data.train=prepared:DIR data.tokenizer=DIR/tokenizer.json`.
 """
 
 from __future__ import annotations
