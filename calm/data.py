@@ -40,6 +40,8 @@ TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 _ENCODE_CHUNK = 2048  # documents per encode_batch call
+_BATCH_CHARS = 1 << 20  # characters per encode_batch call (about)
+_PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces cut at whitespace
 
 
 # ----------------------------------------------------------------------------- sources
@@ -334,15 +336,60 @@ def encode_documents(docs: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndar
 
 def encode_stream(docs: Iterable[str], tokenizer: Tokenizer, dtype: Any = np.int32,
                   chunk: int = _ENCODE_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Encodes documents in chunks → (flat ids with EOS after each document, lengths incl. EOS)."""
-  it = iter(docs)
-  while batch := list(itertools.islice(it, chunk)):
+  """Encodes documents in chunks → (flat ids with EOS after each document, lengths incl. EOS).
+
+  A chunk holds at most `chunk` documents and about _BATCH_CHARS characters; a document longer
+  than _PIECE_CHARS is encoded alone, piece by piece (`_pieces`, cut at whitespace), so memory
+  does not grow with a document's length.
+  """
+  eos = (tokenizer.eos_id,)
+
+  def encode(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids = tokenizer.encode_batch(batch)
     n = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
-    eos = (tokenizer.eos_id,)
     out = np.fromiter(itertools.chain.from_iterable(x for i in ids for x in (i, eos)), dtype,
                       int(n.sum()))
-    yield out, n
+    return out, n
+
+  batch: list[str] = []
+  chars = 0
+  for doc in docs:
+    if len(doc) > _PIECE_CHARS:
+      if batch:
+        yield encode(batch)
+        batch, chars = [], 0
+      parts = [np.asarray(tokenizer.encode(p), dtype) for p in _pieces(doc, _PIECE_CHARS)]
+      out = np.concatenate([*parts, np.asarray(eos, dtype)])
+      yield out, np.array([out.shape[0]], np.int64)
+      continue
+    batch.append(doc)
+    chars += len(doc)
+    if len(batch) >= chunk or chars >= _BATCH_CHARS:
+      yield encode(batch)
+      batch, chars = [], 0
+  if batch:
+    yield encode(batch)
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+  """`text` in pieces of at most `size` characters, each after the first starting at a whitespace
+  character followed by a non-whitespace one (a boundary where word-level pre-tokenizers split
+  anyway, so the ids are those of the whole text), or cut at `size` when there is none."""
+  lo = 0
+  while len(text) - lo > size:
+    hi = lo + size
+    cut = hi
+    for ws in (" ", "\n", "\t"):
+      i = hi
+      while (i := text.rfind(ws, lo + size // 2, i)) > lo:
+        if not text[i + 1].isspace():
+          cut = i
+          break
+      if cut != hi:
+        break
+    yield text[lo:cut]
+    lo = cut
+  yield text[lo:]
 
 
 def tokenized_documents(spec: str, data_cfg: DataConfig, tokenizer: Tokenizer) -> list[np.ndarray]:

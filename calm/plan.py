@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Sequence
 
-from calm.errors import CalmError
+from calm.errors import CalmError, ConfigError
 
 GiB = 2**30
 
@@ -75,6 +75,25 @@ class Plan:
     return self.model_flops / (self.est_seconds * self.peak_flops)
 
 
+def check_devices(cfg, num: int) -> None:
+  """ConfigError unless `num` devices form cfg's mesh and split its micro-batch; checked before
+  any device is made or anything compiled."""
+  from calm import sharding
+
+  data, fsdp, _ = sharding.mesh_shape(cfg.mesh, num)
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % (data * fsdp):
+    raise ConfigError(f"--devices {num}: the micro-batch of {micro} sequences (train.batch_size "
+                      f"/ train.grad_accum) is not divisible by the {data * fsdp} batch shards "
+                      f"of mesh data={data} fsdp={fsdp}")
+
+
+def _libtpu_installed() -> bool:
+  import importlib.util
+
+  return importlib.util.find_spec("libtpu") is not None
+
+
 def devices_for(topology: str | None, num: int | None):
   import jax
 
@@ -82,9 +101,12 @@ def devices_for(topology: str | None, num: int | None):
     try:
       from jax.experimental import topologies
       topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    except Exception as e:  # libtpu missing or an unknown topology name
-      raise CalmError(f"--topology {topology}: cannot describe this TPU slice ({_first_line(e)}); "
-                      f"it needs libtpu: pip install -e '.[tpu]'") from None
+    except Exception as e:  # libtpu missing, busy, or an unknown topology name
+      if not _libtpu_installed():
+        raise CalmError(f"--topology {topology}: compiling for a TPU slice needs libtpu, which "
+                        f"is not installed: pip install -e '.[tpu]'") from None
+      raise CalmError(f"--topology {topology}: libtpu cannot describe this TPU slice: "
+                      f"{_first_line(e)}") from None
     devices = list(topo.devices)
   else:
     devices = jax.devices()
@@ -174,8 +196,14 @@ def plan(cfg, devices, *, hbm_gib: float | None = None, baseline: bool = True) -
   return p
 
 
-def report(cfg, p: Plan) -> str:
-  g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.2f} MiB"
+def _size(b: float) -> str:
+  """Bytes in GiB, or in MiB below a tenth of a GiB."""
+  return f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.2f} MiB"
+
+
+def report(cfg, p: Plan, *, with_verdict: bool = True) -> str:
+  """The plan as rows of text; the verdict last, unless the caller reports it."""
+  g = _size
   micro = cfg.train.batch_size // cfg.train.grad_accum
   rows = [
       f"config      stage={cfg.stage} dtype={cfg.model.dtype} remat={cfg.model.remat} "
@@ -207,7 +235,8 @@ def report(cfg, p: Plan) -> str:
            else "")
     rows.append(f"step time   {p.est_seconds:.3f} s (compiler's estimate"
                 f"{', loop bodies counted once' if loops else ''}){mfu}")
-  rows.append(verdict(p))
+  if with_verdict:
+    rows.append(verdict(p))
   return "\n".join(rows)
 
 
@@ -217,12 +246,12 @@ def _flops(f: float) -> str:
 
 def verdict(p: Plan) -> str:
   if p.hbm_bytes is None:
-    return f"verdict     {p.total_bytes / GiB:.2f} GiB per chip; no memory limit known here"
+    return f"verdict     {_size(p.total_bytes)} per chip; no memory limit known here"
   spare = p.hbm_bytes - p.total_bytes
   if spare >= 0:
-    return f"verdict     fits: {spare / GiB:.2f} GiB to spare per chip"
-  return (f"verdict     does not fit: {p.total_bytes / GiB:.2f} GiB per chip needed, "
-          f"{p.hbm_bytes / GiB:.2f} GiB available ({-spare / GiB:.2f} GiB over)")
+    return f"verdict     fits: {_size(spare)} to spare per chip"
+  return (f"verdict     does not fit: {_size(p.total_bytes)} per chip needed, "
+          f"{_size(p.hbm_bytes)} available ({_size(-spare)} over)")
 
 
 if __name__ == "__main__":

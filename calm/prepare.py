@@ -6,8 +6,11 @@ ranges of large uncompressed JSON Lines files, record ranges of a TFDS split); w
 stream each piece's documents through the tokenizer (memory does not grow with the corpus) into
 `shard-NNNNN.bin` (EOS after every document). A shard is written under a temporary name and
 renamed when complete, so after a kill a rerun keeps the finished shards, redoes the rest and
-gives the same bytes whatever the number of processes. `manifest.json` is written last (see
-`calm.shards`); train with `data.train=prepared:DIR data.tokenizer=DIR/tokenizer.json`.
+gives the same bytes whatever the number of processes. `plan.json` (the absolute source, the
+tokenizer, the pieces) is written first, once everything is checked: a rerun with the same plan
+resumes, any other is refused unless `--force` (which starts over), and a preparation that fails
+removes what it wrote. `manifest.json` is written last (see `calm.shards`); train with
+`data.train=prepared:DIR data.tokenizer=DIR/tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from calm import data, shards
-from calm.errors import ConfigError, DataError
+from calm.errors import CalmError, ConfigError, DataError
 from calm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 PIECE_BYTES = 64 << 20  # input bytes per shard of a large JSON Lines file
 PIECE_RECORDS = 1 << 16  # TFDS records per shard
+PLAN = "plan.json"  # the pieces and tokenizer of a preparation, written before its shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,25 +139,80 @@ def _count(path: pathlib.Path, dtype: np.dtype, eos_id: int) -> tuple[int, int]:
   return int(mm.shape[0]), docs
 
 
-def prepare(cfg, out: str | os.PathLike, *, source: str = "", workers: int = 0,
-            piece_bytes: int = PIECE_BYTES, piece_records: int = PIECE_RECORDS,
-            progress: bool = True) -> dict:
-  """Tokenises `source` (default data.train) into shards under `out`; returns the manifest."""
+def _source_spec(spec: str, data_cfg) -> str:
+  """The source as the plan records it: files, directories and globs as absolute paths (a
+  relative path means another corpus from another working directory)."""
+  spec = spec.strip()
+  if data._is_tfds(spec, data_cfg):
+    return spec
+  return os.path.abspath(os.path.expanduser(spec))
+
+
+def _out_dir(out: str | os.PathLike) -> pathlib.Path:
+  """`out` as a directory that exists or can be made; ConfigError otherwise (nothing is made)."""
+  if not str(out).strip():
+    raise ConfigError("--out: name the directory to prepare into")
+  root = pathlib.Path(out)
+  if root.exists() and not root.is_dir():
+    raise ConfigError(f"--out {root}: exists and is not a directory")
+  for parent in root.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise ConfigError(f"--out {root}: {parent} is not a directory")
+      break
+  return root
+
+
+def _ours(root: pathlib.Path) -> list[pathlib.Path]:
+  """The files a preparation writes that exist under `root`."""
+  if not root.is_dir():
+    return []
+  names = [PLAN, shards.MANIFEST, shards.TOKENIZER]
+  return ([root / n for n in names if (root / n).exists()] + sorted(root.glob("shard-*.bin"))
+          + sorted(root.glob(".shard-*.tmp*")))
+
+
+def _tokenizer(cfg, spec: str, root: pathlib.Path, resume: bool):
+  """data.tokenizer, else DIR/tokenizer.json of a resumed preparation, else one trained on the
+  source; nothing is written."""
+  import tempfile
+
   from calm.run import get_tokenizer
 
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=spec))
+  if cfg.data.tokenizer or (resume and (root / shards.TOKENIZER).is_file()):
+    return get_tokenizer(cfg, root, train_if_missing=False)
+  with tempfile.TemporaryDirectory() as scratch:  # get_tokenizer saves what it trains
+    return get_tokenizer(cfg, scratch)
+
+
+def prepare(cfg, out: str | os.PathLike, *, source: str = "", workers: int = 0,
+            piece_bytes: int = PIECE_BYTES, piece_records: int = PIECE_RECORDS,
+            progress: bool = True, force: bool = False) -> dict:
+  """Tokenises `source` (default data.train) into shards under `out`; returns the manifest.
+
+  Everything is checked before anything is written. A directory holding another preparation (or
+  files of one without its plan.json) is refused unless `force`, which replaces them. A
+  preparation that fails leaves no files that would block a rerun.
+  """
   spec = source or cfg.data.train
-  if not spec:
+  if not spec.strip():
     raise ConfigError("data.train: name the source to prepare (or pass --source)")
   if shards.prepared_dir(spec) is not None:
     raise DataError(f"{spec}: already prepared")
-  if piece_bytes < 1 or piece_records < 1:
-    raise ConfigError("piece sizes must be positive")
-  root = pathlib.Path(out)
-  root.mkdir(parents=True, exist_ok=True)
-  # data.tokenizer, else DIR/tokenizer.json (a resumed run), else train one into DIR.
-  tok = get_tokenizer(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=spec)),
-                      root)
-  tok.save(root / shards.TOKENIZER)
+  if not (_positive(piece_bytes) and _positive(piece_records)):
+    raise ConfigError(f"piece sizes must be positive integers, got {piece_bytes} bytes and "
+                      f"{piece_records} records")
+  root = _out_dir(out)
+  spec = _source_spec(spec, cfg.data)
+  existing = _ours(root)
+  old_plan = _read_plan(root) if (root / PLAN).is_file() else None
+  if existing and old_plan is None and not force:
+    raise DataError(f"{root} holds {', '.join(sorted({_kind(p) for p in existing}))} but no "
+                    f"{PLAN} (not a preparation this version can resume); use a new directory "
+                    "or --force to replace them")
+  resume = old_plan is not None and not force
+  tok = _tokenizer(cfg, spec, root, resume)
   dtype = shards.token_dtype(tok.vocab_size)
   pieces = plan_pieces(spec, cfg.data, piece_bytes, piece_records)
   d = cfg.data
@@ -162,13 +221,55 @@ def prepare(cfg, out: str | os.PathLike, *, source: str = "", workers: int = 0,
           "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
                         "eos_id": tok.eos_id},
           "pieces": [dataclasses.asdict(p) for p in pieces]}
-  plan_path = root / "plan.json"
-  if plan_path.is_file():
-    if json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-      raise DataError(f"{root} holds a preparation of another source, tokenizer or piece size; "
-                      "use a new directory")
-  else:
-    shards.write_json_atomic(plan_path, plan)
+  if resume and old_plan != json.loads(json.dumps(plan)):
+    raise DataError(f"{root} holds a preparation of another source, tokenizer or piece size; "
+                    "use a new directory or --force to replace it")
+
+  # Checked: now write. A fresh preparation that fails removes what it wrote.
+  fresh = not resume
+  made_root = not root.exists()
+  if fresh:
+    for p in existing:  # only with force
+      p.unlink()
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"--out {root}: cannot create ({e.strerror or e})") from None
+  try:
+    if not (root / shards.TOKENIZER).is_file():
+      tok.save(root / shards.TOKENIZER)
+    if fresh:
+      shards.write_json_atomic(root / PLAN, plan)
+    return _run(cfg, root, spec, plan, pieces, tok, dtype, workers, progress)
+  except CalmError:  # a kill or ^C keeps the finished shards for a rerun to resume
+    if fresh:
+      for p in _ours(root):
+        with contextlib.suppress(OSError):
+          p.unlink()
+      if made_root:
+        with contextlib.suppress(OSError):
+          root.rmdir()
+    raise
+
+
+def _positive(n) -> bool:
+  return isinstance(n, (int, np.integer)) and n >= 1
+
+
+def _kind(p: pathlib.Path) -> str:
+  return "shards" if p.name.startswith(("shard-", ".shard-")) else p.name
+
+
+def _read_plan(root: pathlib.Path):
+  try:
+    return json.loads((root / PLAN).read_text())
+  except (OSError, ValueError) as e:
+    raise DataError(f"{root / PLAN}: unreadable ({e}); use a new directory or --force") from None
+
+
+def _run(cfg, root: pathlib.Path, spec: str, plan: dict, pieces: Sequence[Piece], tok,
+         dtype: np.dtype, workers: int, progress: bool) -> dict:
+  """Writes the missing shards, then the manifest."""
   for stale in root.glob(".shard-*.tmp*"):  # half-written shards of a killed run
     stale.unlink()
 

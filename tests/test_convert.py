@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -488,3 +489,41 @@ def test_cli_subprocess(small_ref, tmp_path):
                         "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_checks_its_out_then_writes(small_ref, tmp_path, capsys):
+  """An export refuses a non-empty --out without --force (leaving it byte-identical); with
+  --force the other format's stale weights go; files get the mode a new file gets."""
+  runs = {s: convert.convert(tmp_path / s, **{"ae" if s == "autoencoder" else "llama":
+                                              small_ref[s]})[s] for s in ("ar", "autoencoder")}
+  out = tmp_path / "export"
+  export = lambda *a: cli(conversion.main)(["--out", str(out), *a])
+  assert export("--export", str(runs["ar"])) == 0
+  capsys.readouterr()
+  umask = os.umask(0)
+  os.umask(umask)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+  assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+  before = _snapshot(out)
+  assert export("--export", str(runs["autoencoder"]), "--format", "npz") == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "--force" in err and "\n" not in err
+  assert _snapshot(out) == before
+  assert export("--export", str(runs["autoencoder"]), "--format", "npz", "--force") == 0
+  assert "model.safetensors" not in {p.name for p in out.iterdir()}
+  back, ref = convert.read_weights(out), convert.read_weights(small_ref["autoencoder"])
+  assert back.keys() == ref.keys() and all(np.array_equal(back[k], ref[k]) for k in ref)
+  assert json.loads((out / "config.json").read_text()) == json.loads(
+      (small_ref["autoencoder"] / "config.json").read_text())
+  assert not [p for p in out.iterdir() if p.name.startswith(".")]
+  a_file = tmp_path / "a-file"
+  a_file.write_text("keep me")
+  for bad in ("", str(a_file), str(a_file / "sub")):
+    code = cli(conversion.main)(["--export", str(runs["ar"]), "--out", bad])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --out") and "\n" not in err, (bad, err)
+  assert a_file.read_text() == "keep me"

@@ -239,3 +239,164 @@ def test_bad_prepared_data_is_a_one_line_error(corpus, prepared, tmp_path):
                      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- check, then write
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
+  """Every file under `root` (hidden ones too) → its bytes."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _prepare_cli(args, capsys) -> tuple[int, str]:
+  from calm.cli import preparation
+  from calm.errors import cli
+
+  code = cli(preparation.main)(["--config", str(ROOT / "configs" / "tiny.yaml"), *args,
+                                "model.vocab_size=300"])
+  return code, capsys.readouterr().err.strip()
+
+
+def test_refused_prepare_leaves_the_directory_byte_identical(corpus, tmp_path):
+  """Another source with another tokenizer into a prepared directory: refused, nothing changed
+  (the tokenizer.json was once overwritten before the refusal)."""
+  src, _ = corpus
+  out = tmp_path / "p1"
+  P.prepare(_cfg(str(src / "c.txt"), src.parent), out, workers=1, progress=False)
+  other = train_tokenizer(["some other text entirely, with other words"] * 20, 280)
+  other.save(tmp_path / "other.json")
+  before = _snapshot(out)
+  for tokenizer in (str(tmp_path / "other.json"), ""):  # given, or trained on the source
+    cfg = _cfg(str(src / "a.jsonl"), src.parent, **{"data.tokenizer": tokenizer})
+    with pytest.raises(DataError, match="another source"):
+      P.prepare(cfg, out, workers=1, progress=False)
+    assert _snapshot(out) == before
+
+
+def test_relative_source_from_another_directory_is_another_source(corpus, tmp_path,
+                                                                  monkeypatch):
+  """The same relative --source from another working directory names another corpus."""
+  src, _ = corpus
+  for w, text in (("w1", "first corpus words"), ("w2", "second corpus, other words")):
+    (tmp_path / w / "src").mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+      (tmp_path / w / "src" / name).write_text(f"{text} {name}\n\nmore {text}")
+  out = tmp_path / "out"
+  monkeypatch.chdir(tmp_path / "w1")
+  P.prepare(_cfg("src", src.parent), out, workers=1, progress=False)
+  (out / "shard-00001.bin").unlink()  # as an interrupted preparation leaves it
+  (out / "manifest.json").unlink()
+  before = _snapshot(out)
+  monkeypatch.chdir(tmp_path / "w2")
+  with pytest.raises(DataError, match="another source"):
+    P.prepare(_cfg("src/", src.parent), out, workers=1, progress=False)
+  assert _snapshot(out) == before
+  monkeypatch.chdir(tmp_path / "w1")  # the same corpus resumes
+  m = P.prepare(_cfg("src/", src.parent), out, workers=1, progress=False)
+  assert m["source"] == str(tmp_path / "w1" / "src") and m["documents"] == 4
+
+
+def test_shards_without_a_plan_are_refused_unless_forced(corpus, prepared, tmp_path):
+  src, _ = corpus
+  out = tmp_path / "old"
+  out.mkdir()
+  for p in prepared.glob("shard-*.bin"):
+    (out / p.name).write_bytes(p.read_bytes()[:-2])  # shards of unknown origin
+  before = _snapshot(out)
+  cfg = _cfg(str(src), src.parent)
+  with pytest.raises(DataError, match="no plan.json") as e:
+    P.prepare(cfg, out, workers=2, piece_bytes=PIECE, progress=False)
+  assert "\n" not in str(e.value) and "--force" in str(e.value)
+  assert _snapshot(out) == before
+  P.prepare(cfg, out, workers=2, piece_bytes=PIECE, progress=False, force=True)
+  assert _shard_bytes(out) == _shard_bytes(prepared)
+
+
+def test_force_replaces_another_preparation(corpus, tmp_path):
+  src, tok = corpus
+  out = tmp_path / "p"
+  P.prepare(_cfg(str(src / "c.txt"), src.parent), out, workers=1, progress=False)
+  cfg = _cfg(str(src / "b.jsonl.gz"), src.parent)
+  m = P.prepare(cfg, out, workers=1, progress=False, force=True)
+  assert m["documents"] == 50 and len(list(out.glob("shard-*.bin"))) == 1
+  np.testing.assert_array_equal(D.token_stream(f"prepared:{out}", cfg.data, tok),
+                                D.token_stream(str(src / "b.jsonl.gz"), cfg.data, tok))
+
+
+def test_a_failed_prepare_does_not_block_a_rerun(corpus, tmp_path):
+  src, _ = corpus
+  blank = tmp_path / "blank.txt"
+  blank.write_text("\n\n  \n")
+  out = tmp_path / "p"
+  with pytest.raises(DataError, match="no documents"):
+    P.prepare(_cfg(str(blank), src.parent), out, workers=1, progress=False)
+  assert not out.exists()
+  out.mkdir()
+  with pytest.raises(DataError, match="no documents"):
+    P.prepare(_cfg(str(blank), src.parent), out, workers=1, progress=False)
+  assert _snapshot(out) == {}
+  m = P.prepare(_cfg(str(src / "c.txt"), src.parent), out, workers=1, progress=False)
+  assert m["documents"] == 50
+
+
+def test_bad_out_and_piece_size_are_one_line_errors(corpus, tmp_path, monkeypatch, capsys):
+  src, _ = corpus
+  tok = f"data.tokenizer={src.parent / 'tokenizer.json'}"
+  monkeypatch.chdir(tmp_path)
+  a_file = tmp_path / "a-file"
+  a_file.write_text("keep me")
+  cases = [(["--out", ""], "--out"), (["--out", " "], "--out"),
+           (["--out", str(a_file)], "not a directory"),
+           (["--out", str(a_file / "sub")], "not a directory")]
+  cases += [(["--out", "o", "--piece-mb", v], "--piece-mb") for v in ("0", "-1", "nan", "inf",
+                                                                      "1e-9")]
+  for args, want in cases:
+    code, err = _prepare_cli([*args, "--source", str(src / "c.txt"), tok], capsys)
+    assert code == 2 and err.startswith("error: ") and want in err and "\n" not in err, (args, err)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written anywhere
+  assert a_file.read_text() == "keep me"
+
+
+def test_memory_does_not_grow_with_a_documents_length(corpus, tmp_path):
+  """A text without paragraph breaks takes at most twice the memory of the same text in
+  paragraphs (the tokenizer once held a whole document's encoding at once)."""
+  src, _ = corpus
+  words = (DEMO_DATA / "train" / "pg35.txt").read_text().split()
+  rng = random.Random(1)
+  paragraphs = [" ".join(rng.choices(words, k=100)) for _ in range(12_000)]  # ~7 MB
+  (tmp_path / "paragraphs.txt").write_text("\n\n".join(paragraphs))
+  (tmp_path / "line.txt").write_text(" ".join(paragraphs))
+  peak = {}
+  for name in ("paragraphs", "line"):
+    cmd = [sys.executable, "-m", "calm.prepare", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--out", str(tmp_path / f"out-{name}"), "--source", str(tmp_path / f"{name}.txt"),
+           "--workers", "1", f"data.tokenizer={src.parent / 'tokenizer.json'}",
+           "model.vocab_size=300"]
+    script = ("import resource, subprocess, sys\n"
+              f"r = subprocess.run({cmd!r}, capture_output=True, text=True)\n"
+              "sys.stderr.write(r.stderr)\n"
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+              "sys.exit(r.returncode)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak[name] = int(r.stdout.split()[-1])
+  assert peak["line"] <= 2 * peak["paragraphs"], peak
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(corpus, monkeypatch):
+  src, tok = corpus
+  words = (DEMO_DATA / "train" / "pg35.txt").read_text().split()
+  rng = random.Random(2)
+  seps = [" ", "  ", "\n", " \n ", "\t", ", ", "   "]
+  docs = ["short one", "".join(w + rng.choice(seps) for w in rng.choices(words, k=3000)),
+          "x" * 5000, "another short one"]
+  monkeypatch.setattr(D, "_PIECE_CHARS", 300)
+  assert len(list(D._pieces(docs[1], 300))) > 20
+  got = [ids for ids, _ in D.encode_stream(docs, tok)]
+  assert len(got) == 4  # the long documents alone, the short ones in batches
+  flat, n = np.concatenate(got), np.concatenate([n for _, n in D.encode_stream(docs, tok)])
+  want = [np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs[:2]]
+  np.testing.assert_array_equal(flat[:n[:2].sum()], np.concatenate(want))
+  assert n.tolist()[:2] == [len(w) for w in want] and flat.shape[0] == n.sum()

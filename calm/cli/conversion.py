@@ -21,13 +21,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--format", choices=("safetensors", "npz"), default="safetensors",
                   help="weights format of --export")
   ap.add_argument("--out", required=True, help="output run directory (or export directory)")
+  ap.add_argument("--force", action="store_true",
+                  help="--export: replace an export already in --out")
   ap.add_argument("--ignore-field", action="append", default=[], metavar="NAME",
                   help="config.json field known not to change the model (repeatable)")
   args = ap.parse_args(argv)
+  if not args.out.strip():
+    raise CalmError("--out: name the output directory")
+  if args.force and not args.export:
+    raise CalmError("--force applies to --export only (a conversion never replaces a run)")
   if args.export:
     if args.ae or args.calm or args.llama:
       raise CalmError("--export cannot be combined with --ae/--calm/--llama")
-    print(f"exported {args.export} → {export_reference(args.export, args.out, args.format)}")
+    out = export_reference(args.export, args.out, args.format, force=args.force)
+    print(f"exported {args.export} → {out}")
     return 0
   runs = convert(args.out, ae=args.ae, calm=args.calm, llama=args.llama,
                  ignore_fields=args.ignore_field)

@@ -9,10 +9,11 @@ See `calm.plan` for what is measured.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Sequence
 
-from calm.errors import CalmError
-from calm.plan import devices_for, plan, report, verdict
+from calm.errors import CalmError, ConfigError
+from calm.plan import check_devices, devices_for, plan, report, verdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="skip the compile without remat (no FLOPs ratio)")
   ap.add_argument("overrides", nargs="*", metavar="key=value")
   args = ap.parse_args(argv)
+  if args.devices is not None and args.devices < 1:
+    raise ConfigError(f"--devices: must be >= 1, got {args.devices}")
+  if args.hbm_gib is not None and not (math.isfinite(args.hbm_gib) and args.hbm_gib > 0):
+    raise ConfigError(f"--hbm-gib: must be a positive number of GiB, got {args.hbm_gib}")
   from calm import config
   cfg = config.load(args.config, args.overrides)
+  if args.devices:
+    check_devices(cfg, args.devices)
   import jax
   if args.topology:
     jax.config.update("jax_platforms", "cpu")  # compile for the slice; nothing runs
@@ -38,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       pass
   devices = devices_for(args.topology, args.devices)
   p = plan(cfg, devices, hbm_gib=args.hbm_gib, baseline=not args.no_baseline)
-  print(report(cfg, p))
+  print(report(cfg, p, with_verdict=p.fits))
   if not p.fits:
     raise CalmError(verdict(p).split(None, 1)[1])
   return 0

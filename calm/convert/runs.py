@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 from typing import Any, Iterable, Mapping, Sequence
@@ -104,6 +105,8 @@ def convert(out: str | pathlib.Path, *, ae: str | pathlib.Path | None = None,
   if ae is None and llama is None:
     raise CalmError("nothing to convert: give --ae [--calm] and/or --llama")
   out = pathlib.Path(out).absolute()
+  if out.exists() and not out.is_dir():
+    raise CalmError(f"--out {out}: exists and is not a directory")
   ignore = tuple(ignore_fields)
   jobs = []
   if ae is not None:
@@ -153,10 +156,20 @@ def _check_embedded(calm_weights: Mapping[str, np.ndarray], ae_weights: Mapping[
 # ----------------------------------------------------------------------------- export
 
 
+WEIGHT_FILES = ("model.safetensors", "model.npz")
+
+
 def export_reference(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
-                     format: str = "safetensors", *, step: int | None = None) -> pathlib.Path:
+                     format: str = "safetensors", *, step: int | None = None,
+                     force: bool = False) -> pathlib.Path:
   """Our checkpoint → a reference-layout directory: config.json + model.safetensors / model.npz
-  (+ the run's tokenizer files)."""
+  (+ the run's tokenizer files).
+
+  `out_dir` must be new or empty unless `force`, which replaces an export there (and removes the
+  other format's weights and tokenizer files the run does not have, so nothing stale is read).
+  Everything is checked and computed before the first file is written; each file is written
+  under a temporary name and renamed.
+  """
   import jax
   from flax import nnx
 
@@ -164,22 +177,66 @@ def export_reference(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
 
   if format not in ("safetensors", "npz"):
     raise CalmError(f"format must be safetensors or npz, got {format!r}")
+  out_dir = _export_dir(out_dir, force)
   loaded = run.load_model(run_dir, step=step)
   flat = {".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
           for p, v in nnx.to_flat_state(loaded.params)}
   weights = from_params(flat, loaded.config.stage, loaded.config.model)
-  out_dir = pathlib.Path(out_dir)
+  tok = loaded.config.data.tokenizer
+  tok_src = _find_tokenizer([*([pathlib.Path(tok).parent] if tok else []), loaded.run_dir])
+  tok_files = [n for n in TOKENIZER_FILES if tok_src and (tok_src / n).is_file()]
+  config_json = json.dumps(reference_config(loaded.config), indent=2)
+
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "config.json").write_text(json.dumps(reference_config(loaded.config), indent=2))
+  weights_name = f"model.{format}"
+  written = {weights_name, "config.json", *tok_files}
   if format == "npz":
-    path = out_dir / "model.npz"
-    np.savez(path, **weights)
+    def savez(path: pathlib.Path) -> None:
+      with open(path, "wb") as f:  # a path would get ".npz" appended
+        np.savez(f, **weights)
+
+    _write_atomic(out_dir / weights_name, savez)
   else:
     from safetensors.numpy import save_file
 
-    path = out_dir / "model.safetensors"
-    save_file(weights, str(path), metadata={"format": "pt"})
-  tok = loaded.config.data.tokenizer
-  srcs = [pathlib.Path(tok).parent] if tok else []
-  _copy_tokenizer([*srcs, loaded.run_dir], out_dir)
+    _write_atomic(out_dir / weights_name,
+                  lambda t: save_file(weights, str(t), metadata={"format": "pt"}))
+  for name in tok_files:
+    _write_atomic(out_dir / name, lambda t, name=name: shutil.copyfile(tok_src / name, t))
+  _write_atomic(out_dir / "config.json", lambda t: t.write_text(config_json))
+  for name in (*WEIGHT_FILES, *TOKENIZER_FILES):  # a replaced export's other files
+    if name not in written:
+      (out_dir / name).unlink(missing_ok=True)
   return out_dir
+
+
+def _export_dir(out_dir: str | pathlib.Path, force: bool) -> pathlib.Path:
+  """--out of an export: a new or empty directory, or (with `force`) one to replace files in."""
+  if not str(out_dir).strip():
+    raise CalmError("--out: name the directory to export into")
+  out = pathlib.Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise CalmError(f"--out {out}: exists and is not a directory")
+  for parent in out.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise CalmError(f"--out {out}: {parent} is not a directory")
+      break
+  if out.is_dir() and any(out.iterdir()) and not force:
+    raise CalmError(f"--out {out} is not empty; choose another directory or pass --force to "
+                    "replace the export there")
+  return out
+
+
+def _write_atomic(path: pathlib.Path, write) -> None:
+  """Calls `write(temporary path)` beside `path`, then renames it to `path` with the mode a new
+  file gets (0666 less the umask, whatever mode the writer chose)."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
