@@ -185,6 +185,11 @@ def export_reference(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
   tok = loaded.config.data.tokenizer
   tok_src = _find_tokenizer([*([pathlib.Path(tok).parent] if tok else []), loaded.run_dir])
   tok_files = [n for n in TOKENIZER_FILES if tok_src and (tok_src / n).is_file()]
+  if tok_src is not None:  # the tokenizer shipped with the weights is the one they were trained on
+    from calm.tokenizer import load_tokenizer
+
+    run.check_tokenizer(load_tokenizer(tok_src / "tokenizer.json"), loaded.metadata,
+                        f"the model in {run_dir}")
   config_json = json.dumps(reference_config(loaded.config), indent=2)
 
   out_dir.mkdir(parents=True, exist_ok=True)
