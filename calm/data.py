@@ -407,7 +407,7 @@ def prepared_root(spec: str) -> pathlib.Path:
   if root is None or not str(root).strip() or str(root) == ".":
     raise DataError(f"{spec!r}: name the prepared directory (prepared:DIR)")
   if not root.is_dir():
-    raise DataError(f"{spec}: no such prepared directory {root}")
+    raise DataError(f"{spec}: prepared directory {root} not found")
   return root
 
 

@@ -115,6 +115,8 @@ def model_flops_per_token(cfg: Config | ModelConfig, stage: str | None = None,
     raise ValueError("model_flops_per_token needs stage and seq_tokens with a ModelConfig")
   from calm import stages
 
+  if stage not in stages.STAGES:
+    raise ValueError(f"unknown stage {stage!r}")
   return stages.get(stage).flops_per_token(cfg, seq_tokens)
 
 
@@ -161,12 +163,14 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
 
 
 def learning_summary(run_dir: str | pathlib.Path) -> str:
-  """One line: a CALM run's normalised score at its first and last evaluation."""
-  ev = [r for r in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl") if "eval/norm_score" in r]
+  """One line: a CALM run's normalised score at its first and last evaluation (n/a where the
+  reference lines did not separate)."""
+  ev = [r for r in read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl") if "eval/oracle_loss" in r]
   if not ev:
     return f"{run_dir}: no CALM evaluation with reference lines in metrics.jsonl"
   a, b = ev[0], ev[-1]
-  return (f"CALM normalised score {a['eval/norm_score']:+.3f} at step {a['step']} -> "
-          f"{b['eval/norm_score']:+.3f} at step {b['step']} (energy loss {b['eval/loss']:.3f}; "
+  score = lambda r: f"{r['eval/norm_score']:+.3f}" if "eval/norm_score" in r else "n/a"
+  return (f"CALM normalised score {score(a)} at step {a['step']} -> "
+          f"{score(b)} at step {b['step']} (energy loss {b['eval/loss']:.3f}; "
           f"no-context baseline {b['eval/baseline_loss']:.3f} = 0, oracle "
           f"{b['eval/oracle_loss']:.3f} = 1)")

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from calm import config
 from calm.config import Config
+from calm.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # = calm.checkpoint.SUBDIR
@@ -126,3 +127,19 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     found = next((c for c in candidates if c and _exists(c)), str(run_dir / rel))
     changes[f] = pre + os.path.normpath(os.path.abspath(found))
   return config.replace(cfg, **changes)
+
+
+def output_dir(out: str | os.PathLike, what: str) -> pathlib.Path:
+  """`--out` as a directory that exists or can be made (a ConfigError otherwise; nothing is
+  made). `what`: the command's output, for the message ("prepare into")."""
+  if not str(out).strip():
+    raise ConfigError(f"--out: name the directory to {what}")
+  root = pathlib.Path(out)
+  if root.exists() and not root.is_dir():
+    raise ConfigError(f"--out {root}: exists and is not a directory")
+  for parent in root.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise ConfigError(f"--out {root}: {parent} is not a directory")
+      break
+  return root

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from calm import data, shards
+from calm import data, paths, shards
 from calm.errors import CalmError, ConfigError, DataError
 from calm.tokenizer import Tokenizer
 
@@ -150,17 +150,7 @@ def _source_spec(spec: str, data_cfg) -> str:
 
 def _out_dir(out: str | os.PathLike) -> pathlib.Path:
   """`out` as a directory that exists or can be made; ConfigError otherwise (nothing is made)."""
-  if not str(out).strip():
-    raise ConfigError("--out: name the directory to prepare into")
-  root = pathlib.Path(out)
-  if root.exists() and not root.is_dir():
-    raise ConfigError(f"--out {root}: exists and is not a directory")
-  for parent in root.absolute().parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise ConfigError(f"--out {root}: {parent} is not a directory")
-      break
-  return root
+  return paths.output_dir(out, "prepare into")
 
 
 def _ours(root: pathlib.Path) -> list[pathlib.Path]:

@@ -52,8 +52,11 @@ def test_evaluate_writes_table_and_json(runs, tmp_path):
   result = json.loads(out.read_text())
   e = result["energy"]
   assert e["oracle_loss"] > 0 and e["baseline_loss"] > 0
-  assert e["norm_score"] == pytest.approx((e["baseline_loss"] - e["loss"])
-                                          / (e["baseline_loss"] - e["oracle_loss"]))
+  gap = e["baseline_loss"] - e["oracle_loss"]
+  if gap > 2 * e["reference_gap_se"]:
+    assert e["norm_score"] == pytest.approx((e["baseline_loss"] - e["loss"]) / gap)
+  else:  # a 3-step run: the references do not separate, the score is n/a
+    assert "norm_score" not in e and "normalised score n/a" in r.stdout
   text = json.dumps(result)
   for key in ("block_tokens", "chunk_size", "scored_positions", "documents", "seed"):
     assert key in text

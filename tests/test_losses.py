@@ -315,8 +315,12 @@ def test_reference_lines_of_gaussians_closed_form(latent_dim):
   mu_PL = jnp.zeros((128, L)).at[::2, 0].set(gap)
   logstd_PL = jnp.full_like(mu_PL, math.log(sigma))
   mu_BSL, ls_BSL = mu_PL.reshape(4, 32, L), logstd_PL.reshape(4, 32, L)
-  ref = jax.jit(lambda k: losses.reference_energy_losses(mu_BSL, ls_BSL, mu_PL, logstd_PL, k,
-                                                          _head(16, 16)))(jax.random.key(2))
+  f = jax.jit(lambda k: losses.reference_energy_losses(mu_BSL, ls_BSL, mu_PL, logstd_PL, k,
+                                                        _head(16, 16)))
+  # averaged over 8 keys: one estimate's baseline has a standard deviation of ~4% (which of the
+  # 2048 picks land on the far mean)
+  ref = {k: float(np.mean([f(jax.random.key(i))[k] for i in range(8)]))
+         for k in ("oracle_loss", "baseline_loss")}
   pair = 2 * sigma * math.exp(math.lgamma((L + 1) / 2) - math.lgamma(L / 2))
   np.testing.assert_allclose(ref["oracle_loss"], pair, rtol=0.03)
   # 2·E‖X−y‖ − E‖X−X'‖ with X a fair mixture: far pairs contribute the gap, near ones `pair`

@@ -142,7 +142,7 @@ def test_head_samples_differ_with_noise(cfg, calm):
   # the vectorised call equals one call per noise vector
   noise = jax.random.uniform(jax.random.key(3), (4, 2, 3, cfg.head.noise_dim), minval=-0.5,
                              maxval=0.5)
-  head = jitted(model, "head")
+  head = jitted(model.generator)
   batched = head(h, noise)
   single = jnp.stack([head(h, noise[i]) for i in range(4)])
   np.testing.assert_allclose(batched, single, rtol=1e-6, atol=1e-6)

@@ -100,15 +100,21 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
   # computed once; this 20-step AE barely encodes its input, so baseline ≈ oracle here
   assert first["baseline_loss"] == last["baseline_loss"] > 0 and last["oracle_loss"] > 0
   for ev in result.eval_history:
-    want = (ev["baseline_loss"] - ev["loss"]) / (ev["baseline_loss"] - ev["oracle_loss"])
-    np.testing.assert_allclose(ev["norm_score"], want, rtol=1e-6)
+    gap = ev["baseline_loss"] - ev["oracle_loss"]
+    if gap > 2 * ev["reference_gap_se"]:
+      np.testing.assert_allclose(ev["norm_score"], (ev["baseline_loss"] - ev["loss"]) / gap,
+                                 rtol=1e-6)
+    else:  # the references do not separate: the score would divide by noise
+      assert "norm_score" not in ev
   rows = [json.loads(x) for x in (pathlib.Path(cfg.run_dir) / "metrics.jsonl").read_text()
           .splitlines()]
-  logged = [r for r in rows if "eval/norm_score" in r]
-  assert [r["step"] for r in logged] == [2, 4] and "eval/oracle_loss" in logged[-1]
+  logged = [r for r in rows if "eval/oracle_loss" in r]
+  assert [r["step"] for r in logged] == [2, 4]
+  assert [("eval/norm_score" in r) for r in logged] == [("norm_score" in e) for e in (first, last)]
   assert list((pathlib.Path(cfg.run_dir) / "tb").iterdir())
   line = metrics.learning_summary(cfg.run_dir)
-  assert f"{first['norm_score']:+.3f} at step 2 -> {last['norm_score']:+.3f} at step 4" in line
+  score = lambda e: f"{e['norm_score']:+.3f}" if "norm_score" in e else "n/a"
+  assert f"{score(first)} at step 2 -> {score(last)} at step 4" in line
 
   # other heads' losses are not energy losses: no reference lines
   flow = tiny(tmp_path / "flow", "stage=calm", f"train.autoencoder={ae_cfg.run_dir}",
@@ -118,8 +124,10 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
   r = run_lib.load(cfg, stages_allowed=("calm",))
   tokens = data.token_stream(cfg.data.eval, cfg.data, r.tokenizer)
   energy = evaluate.energy_report(cfg, r.loaded, r.autoencoder.model, tokens, cfg.data.eval)
+  assert ("norm_score" in energy) == ("norm_score" in last)
   for k in ("loss", "baseline_loss", "oracle_loss", "norm_score"):
-    np.testing.assert_allclose(energy[k], last[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    if k in last:
+      np.testing.assert_allclose(energy[k], last[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_ar_stage_resumes_exactly_after_sigkill(tmp_path):

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from calm import config as config_lib, pytree
+from calm import config as config_lib, paths, pytree
 from calm.config import Config
 from calm.convert.hf_config import (build_config, config_fields, merge_fields, read_config_json,
                                     reference_config)
@@ -217,16 +217,7 @@ def export_reference(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
 
 def _export_dir(out_dir: str | pathlib.Path, force: bool) -> pathlib.Path:
   """--out of an export: a new or empty directory, or (with `force`) one to replace files in."""
-  if not str(out_dir).strip():
-    raise CalmError("--out: name the directory to export into")
-  out = pathlib.Path(out_dir)
-  if out.exists() and not out.is_dir():
-    raise CalmError(f"--out {out}: exists and is not a directory")
-  for parent in out.absolute().parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise CalmError(f"--out {out}: {parent} is not a directory")
-      break
+  out = paths.output_dir(out_dir, "export into")
   if out.is_dir() and any(out.iterdir()) and not force:
     raise CalmError(f"--out {out} is not empty; choose another directory or pass --force to "
                     "replace the export there")
