@@ -25,7 +25,7 @@ class ChunkSampler:
   kind: str = "exact"  # "exact" | "batch"
   num_candidates: int = 200
   max_attempts: int = 1000
-  draws_per_step: int = 0  # exact sampler: draws per row per loop iteration; 0 = ⌈1/T⌉
+  draws_per_step: int = 0  # exact sampler: draws per row per loop iteration; 0 = min(⌈1/T⌉, 8)
 
   def __post_init__(self):
     temp_lib.validate_temperature(self.temperature)

@@ -61,10 +61,15 @@ def split_inverse_temperature(temperature: float) -> tuple[int, float]:
 _AGREE, _FACTORY, _DONE = 0, 1, 2
 
 
+# Cap on the default draws per iteration: each draw of a flow or diffusion head runs its whole
+# ODE / denoising chain, so a block of ⌈1/T⌉ draws would make memory grow with 1/T.
+MAX_DEFAULT_DRAWS_PER_STEP = 8
+
+
 def default_draws_per_step(temperature: float) -> int:
-  """⌈1/T⌉: the fewest draws any chunk can take at temperature T."""
+  """⌈1/T⌉ (the fewest draws any chunk can take at temperature T), at most 8."""
   n, alpha = split_inverse_temperature(temperature)
-  return n + (alpha > 0.0)
+  return min(n + (alpha > 0.0), MAX_DEFAULT_DRAWS_PER_STEP)
 
 
 def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attempts: int,
@@ -79,9 +84,10 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
   `draws_per_step` draws per row and feeds them to every unfinished row in order; draws left
   over when a row finishes are never looked at, so the result stays exact for any R. R > 1
   trades wasted draws for fewer iterations (at batch 1 on a CPU the decode's cost barely
-  grows with R). A row that consumes `max_attempts` draws without accepting returns a fallback
-  and ok=False: the last candidate that reached n-fold agreement if it had one (a draw ∝ P^n,
-  already sharpened), else its first draw (a plain T=1 sample).
+  grows with R); the R draws are consumed in a `lax.scan`, so compile time does not grow with
+  R (the memory of a block of draws does). A row that consumes `max_attempts` draws without
+  accepting returns a fallback and ok=False: the last candidate that reached n-fold agreement
+  if it had one (a draw ∝ P^n, already sharpened), else its first draw (a plain T=1 sample).
 
   Args:
     draw_fn: (key, R) -> chunks_BRK int32, i.i.d. draws from P, R per row.
@@ -136,9 +142,9 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
 
   def consume(state, it, y_BRK):
     u_BR = _uniform(fold_keys(coin_key, it), (B, R))
-    for r in range(R):  # static and small: unrolled
-      state = update(state, y_BRK[:, r], u_BR[:, r])
-    return state
+    # the R draws one after another in a loop, so the program does not grow with R
+    step = lambda state, y_u: (update(state, *y_u), None)
+    return jax.lax.scan(step, state, (jnp.moveaxis(y_BRK, 1, 0), u_BR.T))[0]
 
   zeros_B = jnp.zeros((B,), jnp.int32)
   state = consume((zeros_B + _AGREE, first_BRK[:, 0], zeros_B, zeros_B, first_BRK[:, 0], zeros_B),

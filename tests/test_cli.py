@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from calm.errors import ConfigError
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -133,3 +135,36 @@ def test_train_data_errors(tmp_path):
                             f"data.train={empty}"), "empty")
   assert_one_line_error(run("train.py", "--config", str(TINY), f"run_dir={tmp_path}/r",
                             f"data.train={tmp_path}/missing.txt"), "missing.txt")
+
+
+def test_sample_warns_when_chunks_hit_the_cap(runs):
+  """A chunk that hits sampling.max_attempts is a fallback draw: one warning line says so."""
+  # At T = 1/2 acceptance needs two identical draws: one allowed draw caps every chunk.
+  r = run("sample.py", "--config", f"{runs}/calm/config.yaml", "--prompt", "The King said",
+          "--max-tokens", "8", "--temperature", "0.5", "--num-samples", "2",
+          "sampling.max_attempts=1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.count("--- sample") == 2 and "4 capped]" in r.stderr
+  warn = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+  assert len(warn) == 1, r.stderr[-2000:]
+  for needle in ("4 of 4 chunks", "sampling.max_attempts=1", "fallback", "--sampler batch"):
+    assert needle in warn[0]
+  r = run("sample.py", "--config", f"{runs}/calm/config.yaml", "--prompt", "The King said",
+          "--max-tokens", "8", "--temperature", "0.5")
+  assert r.returncode == 0 and "0 capped]" in r.stderr, r.stderr[-2000:]
+  assert "warning:" not in r.stderr
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_train_attention_kernel_missing_here(tmp_path, impl):
+  """cuDNN and splash attention on a CPU: one line naming model.attention and what runs here."""
+  r = run("train.py", "--config", str(TINY), f"run_dir={tmp_path}/r", "stage=ar",
+          f"model.attention={impl}")
+  assert_one_line_error(r, f"model.attention={impl}")
+  assert "available here: auto, xla, chunked" in r.stderr
+  from calm import config, trainer
+
+  s = trainer.setup(config.load(TINY, ["stage=ar", f"model.attention={impl}",
+                                       f"run_dir={tmp_path}/s"]))
+  with pytest.raises(ConfigError, match=f"model.attention={impl}"):
+    s.lower()

@@ -255,6 +255,24 @@ def test_temperature_samplers_on_head_draws(kind, T, sampler_kind):
   assert float(((counts - B * q) ** 2 / (B * q)).sum()) < CHI2_DF5_999
 
 
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_exact_sampler_cost_does_not_grow_as_temperature_falls(kind):
+  """Each draw of these heads runs a whole ODE / denoising chain: at the default draws per
+  iteration the program and its memory at T = 0.01 are those at T = 1/8."""
+  calm, ae = stub_calm(kind)
+  h_BD = jnp.zeros((4, 8))
+
+  def lowered(T):
+    sampler = sampling.ChunkSampler(T)
+    return jax.jit(lambda k: sampling.next_chunk(calm, ae, h_BD, k, sampler)).lower(
+        jax.random.key(0))
+
+  lo, hi = lowered(1 / 8), lowered(0.01)
+  assert len(hi.as_text()) < 1.05 * len(lo.as_text())
+  temp = lambda l: l.compile().memory_analysis().temp_size_in_bytes
+  assert temp(hi) <= 1.05 * temp(lo)
+
+
 # ----------------------------------------------------------------------------- through CALM
 
 

@@ -172,3 +172,20 @@ def test_split_inverse_temperature():
   assert tm.split_inverse_temperature(1 / 3) == (3, 0.0)
   n, a = tm.split_inverse_temperature(0.7)
   assert n == 1 and abs(a - (1 / 0.7 - 1)) < 1e-12
+
+
+def test_exact_sampler_program_does_not_grow_with_draws_per_step():
+  """The R draws of an iteration are consumed in a loop, not unrolled: the lowered program (and
+  so its compile time) is the same size for R = 2 and R = 64."""
+  def size(R):
+    f = lambda k: tm.exact_sample(make_draw(P, 8), k, 0.01, 1000, draws_per_step=R)
+    return len(jax.jit(f).lower(jax.random.key(0)).as_text())
+
+  assert size(64) < 1.1 * size(2)
+
+
+def test_default_draws_per_step_is_bounded():
+  """⌈1/T⌉ draws per iteration, at most 8 however low T is (each draw of a flow or diffusion
+  head is a whole ODE / denoising chain)."""
+  assert [tm.default_draws_per_step(T) for T in (1.0, 0.7, 1 / 2, 1 / 3, 0.2)] == [1, 2, 2, 3, 5]
+  assert [tm.default_draws_per_step(T) for T in (1 / 8, 0.1, 0.01, 1e-4)] == [8, 8, 8, 8]

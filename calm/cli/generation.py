@@ -85,4 +85,15 @@ def main(argv=None) -> int:
                  if "mean_draws" in stats else "")
   print(f"[{total} tokens in {dt:.2f}s incl. compile: {total / max(dt, 1e-9):.1f} tokens/s"
         f"{extra_stats}]", file=sys.stderr)
+  if stats.get("capped"):
+    print(capped_warning(stats["capped"], stats["chunks"], cfg.sampling.max_attempts),
+          file=sys.stderr)
   return 0
+
+
+def capped_warning(capped: int, chunks: int, max_attempts: int) -> str:
+  """One line: how many chunks the exact sampler gave up on, what that means, what to do."""
+  return (f"warning: {capped} of {chunks} chunks hit sampling.max_attempts={max_attempts} draws "
+          f"before the exact sampler accepted one, so they are its fallback (not exact at this "
+          f"temperature); raise sampling.max_attempts, or use --sampler batch or a higher "
+          f"--temperature")

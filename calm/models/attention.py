@@ -12,16 +12,54 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from calm.errors import ConfigError
+
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
 CHUNK = 512  # query rows per block of the chunked path
+_NEEDS = {"cudnn": "an NVIDIA GPU with cuDNN", "splash": "a TPU"}
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the current mesh's devices' (which may be a TPU topology
+  compiled ahead of time on another host), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+@functools.cache
+def _has_cudnn() -> bool:
+  try:
+    from jax._src.lib import cuda_versions  # None without the CUDA plugin
+    return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+  except Exception:  # no CUDA libraries: no cuDNN
+    return False
+
+
+def available(platform: str) -> tuple[str, ...]:
+  """The implementations that can run on `platform`."""
+  runs = {"cudnn": platform in ("gpu", "cuda") and _has_cudnn(), "splash": platform == "tpu"}
+  return tuple(i for i in IMPLEMENTATIONS if runs.get(i, True))
+
+
+def check(impl: str, platform: str | None = None) -> str:
+  """`impl` if it can run on `platform` (default: the target), else a one-line ConfigError."""
+  platform = platform or target_platform()
+  if impl not in IMPLEMENTATIONS:
+    raise ConfigError(f"model.attention: unknown implementation {impl!r}; one of auto, "
+                      f"{', '.join(IMPLEMENTATIONS)}")
+  if impl not in available(platform):
+    raise ConfigError(f"model.attention={impl} needs {_NEEDS[impl]}, and this compiles for "
+                      f"{platform}; available here: auto, {', '.join(available(platform))}")
+  return impl
 
 
 def resolve(name: str, dtype: jnp.dtype, platform: str | None = None) -> str:
   """`model.attention` → the implementation used: auto picks cuDNN on GPU in 16-bit dtypes,
-  splash on TPU, XLA elsewhere."""
+  splash on TPU, XLA elsewhere; an explicit choice the platform cannot run is a ConfigError."""
+  platform = platform or target_platform()
   if name != "auto":
-    return name
-  platform = platform or jax.default_backend()
+    return check(name, platform)
   if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   if platform == "tpu":
