@@ -176,7 +176,7 @@ class SamplingConfig:
   sampler: Literal["exact", "batch"] = "exact"
   num_candidates: int = 200  # batch sampler
   max_attempts: int = 1000  # exact sampler, per chunk
-  draws_per_step: int = 0  # exact sampler: draws per loop iteration; 0 = ceil(1/T)
+  draws_per_step: int = 0  # exact sampler: draws per loop iteration; 0 = min(ceil(1/T), 8)
   max_new_tokens: int = 128
   num_samples: int = 1
   top_k: int = 0  # AR only; 0 = off
@@ -442,7 +442,8 @@ def validate(cfg: Config) -> None:
   validate_temperature(s.temperature, "sampling.temperature")
   _require(s.num_candidates >= 1, "sampling.num_candidates", "must be >= 1")
   _require(s.max_attempts >= 1, "sampling.max_attempts", "must be >= 1")
-  _require(s.draws_per_step >= 0, "sampling.draws_per_step", "must be >= 0 (0 = ceil(1/T))")
+  _require(s.draws_per_step >= 0, "sampling.draws_per_step",
+           "must be >= 0 (0 = min(ceil(1/T), 8))")
   _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
   _require(s.num_samples >= 1, "sampling.num_samples", f"must be >= 1, got {s.num_samples}")
   _require(0.0 < s.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")

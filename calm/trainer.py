@@ -20,6 +20,7 @@ from tqdm import tqdm
 from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
                   sharding, stages)
 from calm.config import Config
+from calm.models import attention
 from calm.errors import CalmError, ConfigError
 
 
@@ -154,6 +155,8 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   stage = stages.get_stage(cfg)
   stage.validate(cfg.model)
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+  if cfg.model.attention != "auto":  # a kernel this target cannot run: say so before any work
+    attention.check(cfg.model.attention, mesh.devices.flat[0].platform)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   if micro % batch_shards:
