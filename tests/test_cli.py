@@ -164,7 +164,7 @@ def test_train_attention_kernel_missing_here(tmp_path, impl):
   assert "available here: auto, xla, chunked" in r.stderr
   from calm import config, trainer
 
-  s = trainer.setup(config.load(TINY, ["stage=ar", f"model.attention={impl}",
-                                       f"run_dir={tmp_path}/s"]))
+  assert not (tmp_path / "r").exists()  # refused before anything was written
   with pytest.raises(ConfigError, match=f"model.attention={impl}"):
-    s.lower()
+    trainer.setup(config.load(TINY, ["stage=ar", f"model.attention={impl}",
+                                     f"run_dir={tmp_path}/s"]))

@@ -164,7 +164,7 @@ def test_eval_metrics_do_not_depend_on_gradient_accumulation(tiny_runs, tmp_path
   for stage, extra in (("autoencoder", ()), ("calm", (f"train.autoencoder={tiny_runs}/ae",))):
     a, b = ev(stage, 1, *extra), ev(stage, 2, *extra)
     assert set(a) == set(b)
-    for k in a:
+    for k in set(a) - {"reference_gap_se"}:  # a spread over batches depends on the batches
       assert a[k] == pytest.approx(b[k], rel=2e-5, abs=1e-6), (stage, k)
     if stage == "calm":
       assert "baseline_loss" in a
