@@ -202,14 +202,16 @@ def _ar_prefill(model, prompt_BT, lens_B, keys_B, capacity: int) -> DecodeState:
 
 def _ar_step(model, st: DecodeState, temperature, top_p, top_k: int, nucleus: bool,
              eos_id: int, pad_id: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-  """One token for every row → (state, tokens_B1, ones); a done row yields pads."""
+  """One token for every row → (state, tokens_B1, draws_B: 1 per row that drew, 0 per done
+  row); a done row yields pads."""
   tok_B = sampling.sample_logits(st.carry_BX, st.step_keys(), temperature, top_k, top_p,
                                  nucleus)
   tok_B = jnp.where(st.done_B, pad_id, tok_B)
   done_B = st.done_B | (tok_B == eos_id)
   logits_B1V, cache = model(tok_B[:, None], cache=st.cache)
+  drew_B = (~st.done_B).astype(jnp.int32)
   st = DecodeState(cache, logits_B1V[:, 0], st.keys_B, st.step_B + 1, done_B)
-  return st, tok_B[:, None], (~st.done_B).astype(jnp.int32)
+  return st, tok_B[:, None], drew_B
 
 
 _AR_STATIC = ("model_def", "top_k", "nucleus", "eos_id", "pad_id")

@@ -113,11 +113,22 @@ def score_documents(kind: str, models: tuple, docs: Sequence[np.ndarray], *, blo
 
 
 def brierlm(r, docs: Sequence[np.ndarray], eval_cfg, *, source: str,
-            energy_tokens: np.ndarray | None = None) -> dict:
+            energy_if_enough: bool = False) -> dict:
   """The BrierLM report of a loaded CALM or AR run (`calm.run.Run`) on tokenised documents
   (each with its EOS): Brier-1..4, BrierLM with standard errors and a bootstrap interval over
   documents (`brier.summarize`), the protocol, and for heads with energy reference lines the
-  held-out energy report on `energy_tokens` (the documents' token stream)."""
+  held-out energy report on the documents' token stream. That report needs one training batch
+  of blocks: fewer is a ConfigError, or with `energy_if_enough` the report is left out. Token
+  ids outside the model's vocabulary are a DataError."""
+  from calm import data
+
+  rc = r.loaded.config
+  for d in docs:
+    data.check_token_ids(d, rc.model.vocab_size, source)
+  tokens = np.concatenate(docs) if r.stage.energy_references(rc.model) else None
+  if (tokens is not None and energy_if_enough
+      and len(tokens) < rc.train.batch_size * rc.data.block_tokens):
+    tokens = None
   if eval_cfg.max_documents > 0:
     docs = docs[:eval_cfg.max_documents]
   K = r.loaded.config.model.chunk_size
@@ -128,9 +139,8 @@ def brierlm(r, docs: Sequence[np.ndarray], eval_cfg, *, source: str,
                                  batch_size=eval_cfg.batch_size, seed=eval_cfg.seed,
                                  pad_id=r.tokenizer.pad_id, group=eval_cfg.group)
   summary = brier.summarize(est, doc_ids, seed=eval_cfg.seed)
-  if energy_tokens is not None and r.stage.energy_references(r.loaded.config.model):
-    summary["energy"] = energy_report(r.config, r.loaded, r.autoencoder.model, energy_tokens,
-                                      source)
+  if tokens is not None:
+    summary["energy"] = energy_report(r.config, r.loaded, r.autoencoder.model, tokens, source)
   summary["protocol"] = {
       "stage": r.config.stage, "data": source, "block_tokens": eval_cfg.block_tokens,
       "chunk_size": K, "positions": r.stage.brier_positions(K),

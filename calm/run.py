@@ -335,11 +335,9 @@ training batch of blocks; with fewer documents it is left out (`energy` is None)
               if v is not None}
     ev = dataclasses.replace(self.config.eval, **fields)
     config_lib.validate(dataclasses.replace(self.config, eval=ev))
-    energy = self.stage.energy_references(self.loaded.config.model)
     if isinstance(documents, str):
       source = documents
       docs = data.tokenized_documents(source, self.config.data, self.tokenizer)
-      tokens = data.token_stream(source, self.config.data, self.tokenizer, None) if energy else None
     else:
       texts = list(documents)
       if not texts or not all(isinstance(t, str) for t in texts):
@@ -347,14 +345,7 @@ training batch of blocks; with fewer documents it is left out (`energy` is None)
       source = f"{len(texts)} documents"
       flat, lengths = data.encode_documents(texts, self.tokenizer)
       docs = np.split(flat, np.cumsum(lengths)[:-1])
-      tokens = flat if energy else None
-    vocab = self.loaded.config.model.vocab_size
-    for d in docs:
-      data.check_token_ids(d, vocab, source)
-    rc = self.loaded.config  # the energy report needs one training batch of blocks
-    if tokens is not None and len(tokens) < rc.train.batch_size * rc.data.block_tokens:
-      tokens = None
-    s = evaluate.brierlm(self, docs, ev, source=source, energy_tokens=tokens)
+    s = evaluate.brierlm(self, docs, ev, source=source, energy_if_enough=True)
     ci = s["brierlm_ci95"]
     return BrierReport(tuple(s["brier"]), tuple(s["brier_se"]), s["brierlm"], s["brierlm_se"],
                        tuple(ci) if ci is not None else None, s["documents"], s["positions"],

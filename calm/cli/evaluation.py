@@ -41,11 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     r = run.load(cfg, step=args.step)
     docs = data.tokenized_documents(source, cfg.data, r.tokenizer)
-    for d in docs:
-      data.check_token_ids(d, r.loaded.config.model.vocab_size, source)
-    tokens = (data.token_stream(source, cfg.data, r.tokenizer, None)
-              if r.stage.energy_references(r.loaded.config.model) else None)
-    summary = evaluate.brierlm(r, docs, cfg.eval, source=source, energy_tokens=tokens)
+    summary = evaluate.brierlm(r, docs, cfg.eval, source=source)
     print(evaluate.format_table(summary))
     if "energy" in summary:
       print(evaluate.format_energy(summary["energy"]))
