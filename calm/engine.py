@@ -142,7 +142,14 @@ def _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, capacity: int) -> DecodeSt
 def _calm_step(calm, ae, st: DecodeState, sampler: ChunkSampler, eos_id: int, pad_id: int
                ) -> tuple[DecodeState, jax.Array, jax.Array]:
   """One chunk for every row → (state, chunk_BK, draws_B); a done row yields pads, 0 draws."""
-  chunk_BK, draws_B = sampling.next_chunk(calm, ae, st.carry_BX, st.step_keys(), sampler)
+  choose = lambda h_BD, keys_B: sampling.next_chunk(calm, ae, h_BD, keys_B, sampler)
+  return _calm_advance(calm, st, choose, eos_id, pad_id)
+
+
+def _calm_advance(calm, st: DecodeState, choose, eos_id: int, pad_id: int
+                  ) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """`_calm_step` with the chunk chosen by `choose(h_BD, step_keys_B) → (chunk_BK, draws_B)`."""
+  chunk_BK, draws_B = choose(st.carry_BX, st.step_keys())
   chunk_BK = jnp.where(st.done_B[:, None], pad_id, chunk_BK)
   draws_B = jnp.where(st.done_B, 0, draws_B)
   done_B = st.done_B | jnp.any(chunk_BK == eos_id, axis=-1)
@@ -204,8 +211,15 @@ def _ar_step(model, st: DecodeState, temperature, top_p, top_k: int, nucleus: bo
              eos_id: int, pad_id: int) -> tuple[DecodeState, jax.Array, jax.Array]:
   """One token for every row → (state, tokens_B1, draws_B: 1 per row that drew, 0 per done
   row); a done row yields pads."""
-  tok_B = sampling.sample_logits(st.carry_BX, st.step_keys(), temperature, top_k, top_p,
-                                 nucleus)
+  choose = lambda logits_BV, keys_B: sampling.sample_logits(logits_BV, keys_B, temperature,
+                                                            top_k, top_p, nucleus)
+  return _ar_advance(model, st, choose, eos_id, pad_id)
+
+
+def _ar_advance(model, st: DecodeState, choose, eos_id: int, pad_id: int
+                ) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """`_ar_step` with the token chosen by `choose(logits_BV, step_keys_B) → tok_B`."""
+  tok_B = choose(st.carry_BX, st.step_keys())
   tok_B = jnp.where(st.done_B, pad_id, tok_B)
   done_B = st.done_B | (tok_B == eos_id)
   logits_B1V, cache = model(tok_B[:, None], cache=st.cache)
@@ -251,7 +265,76 @@ def _ar_generate(model_def, state, prompt_BT, lens_B, keys_B, temperature, top_p
   return out_BJ, st.done_B
 
 
+# ----------------------------------------------------------------------------- decode slots
+# A server keeps a fixed number of rows ("slots") compiled once: a request is prefilled alone
+# (its prompt padded to a length bucket), inserted into a free slot between decode steps, and
+# every step decodes all slots with per-row sampler settings; rows not live draw nothing and
+# keep their cache length.
+
+
+def _settle(old: DecodeState, new: DecodeState, live_B: jax.Array) -> DecodeState:
+  """Rows not live keep their cache length and step count (an empty slot never fills up)."""
+  length_B = jnp.where(live_B, new.cache.length, old.cache.length)
+  return DecodeState(KVCache(new.cache.k, new.cache.v, length_B), new.carry_BX, new.keys_B,
+                     jnp.where(live_B, new.step_B, old.step_B), new.done_B)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _insert(st: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState:
+  cache = KVCache(st.cache.k.at[:, slot].set(row.cache.k[:, 0]),
+                  st.cache.v.at[:, slot].set(row.cache.v[:, 0]),
+                  st.cache.length.at[slot].set(row.cache.length[0]))
+  return DecodeState(cache, st.carry_BX.at[slot].set(row.carry_BX[0]),
+                     st.keys_B.at[slot].set(row.keys_B[0]), st.step_B.at[slot].set(0),
+                     st.done_B.at[slot].set(False))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _retire(st: DecodeState) -> DecodeState:
+  return dataclasses.replace(st, done_B=jnp.ones_like(st.done_B))
+
+
+@functools.partial(jax.jit, static_argnames=_CALM_STATIC[:2] + (
+    "num_candidates", "max_attempts", "draws_per_step", "eos_id", "pad_id"), donate_argnames="st")
+def _calm_slots_step_jit(calm_def, calm_state, ae_def, ae_state, st, rows, *, num_candidates,
+                         max_attempts, draws_per_step, eos_id, pad_id):
+  calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
+  st = dataclasses.replace(st, done_B=~rows.live_B)
+  choose = lambda h_BD, keys_B: sampling.next_chunk_rows(
+      calm, ae, h_BD, keys_B, rows, num_candidates=num_candidates, max_attempts=max_attempts,
+      draws_per_step=draws_per_step)
+  new, chunk_BK, draws_B = _calm_advance(calm, st, choose, eos_id, pad_id)
+  return _settle(st, new, rows.live_B), chunk_BK, draws_B
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "top_k", "eos_id", "pad_id"),
+                   donate_argnames="st")
+def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id):
+  model = nnx.merge(model_def, state)
+  st = dataclasses.replace(st, done_B=~rows.live_B)
+  choose = lambda logits_BV, keys_B: sampling.next_token_rows(logits_BV, keys_B, rows, top_k)
+  new, tok_B1, drew_B = _ar_advance(model, st, choose, eos_id, pad_id)
+  return _settle(st, new, rows.live_B), tok_B1, drew_B
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+  """One slot's sampler settings. `temperature` 0 means greedy: the AR baseline's most likely
+  token; for CALM (which has no likelihood to maximise) the most frequent chunk among
+  `num_candidates` head samples, the batch sampler's T → 0 limit. `top_p`: AR only;
+  `sampler`: CALM only ("exact" | "batch")."""
+
+  temperature: float = 1.0
+  top_p: float = 1.0
+  sampler: str = "exact"
+
+
 # ----------------------------------------------------------------------------- engines
+
+
+# Draws per row per iteration of the exact sampler in `step_slots` when the sampler leaves it
+# at 0 (the whole-batch default, min(⌈1/T⌉, 8), depends on T, which differs per slot).
+SLOT_DRAWS_PER_STEP = 4
 
 
 class Engine:
@@ -260,6 +343,7 @@ class Engine:
   `DecodeState` with room for `max_new_tokens`, then `decode_step` over all its rows."""
 
   tokens_per_step: int = 1
+  max_temperature: float = 2.0  # for `step_slots`; CALM's samplers need T <= 1
 
   def __init__(self, *, eos_id: int, pad_id: int):
     self.eos_id, self.pad_id = eos_id, pad_id
@@ -280,6 +364,54 @@ class Engine:
     """One step for every row → (state, new tokens [B, tokens_per_step], draws [B])."""
     raise NotImplementedError
 
+  # --------------------------------------------------------------------------- slots
+
+  def positions(self, num_tokens: int) -> int:
+    """Cache positions `num_tokens` new tokens take (a CALM prompt: its chunks after padding)."""
+    return -(-num_tokens // self.tokens_per_step)
+
+  def slots(self, num_slots: int, capacity: int) -> DecodeState:
+    """`num_slots` empty rows with room for `capacity` cache positions each."""
+    ids = [[self.pad_id] * self.tokens_per_step] * num_slots
+    st = self.prefill_row_batch(ids, row_keys(range(num_slots)), capacity=capacity,
+                                positions=1)
+    return _retire(st)
+
+  def prefill_row(self, ids: Sequence[int], key: jax.Array, *, capacity: int, positions: int
+                  ) -> DecodeState:
+    """One prompt prefilled alone as a 1-row state for `insert`: padded to `positions` cache
+    positions (a length bucket: one compilation per bucket), with room for `capacity`."""
+    return self.prefill_row_batch([ids], key[None], capacity=capacity, positions=positions)
+
+  def prefill_row_batch(self, prompts, keys_B, *, capacity: int, positions: int) -> DecodeState:
+    raise NotImplementedError
+
+  def insert(self, state: DecodeState, row: DecodeState, slot: int) -> DecodeState:
+    """`state` with slot `slot` replaced by the 1-row `row` (step 0, not done); `state` is
+    donated."""
+    return _insert(state, row, jnp.int32(slot))
+
+  def slot_rows(self, settings: Sequence[RowSettings | None]):
+    """Per-slot sampler arrays for `step_slots` (None: an empty slot)."""
+    raise NotImplementedError
+
+  def check_settings(self, settings: RowSettings) -> None:
+    """Raises CalmError naming the field if this model cannot sample with `settings`."""
+    t, p = settings.temperature, settings.top_p
+    if not (0.0 <= t <= self.max_temperature):
+      raise CalmError(f"temperature must be in [0, {self.max_temperature:g}], got {t}")
+    if not (0.0 < p <= 1.0):
+      raise CalmError(f"top_p must be in (0, 1], got {p}")
+    if settings.sampler not in ("exact", "batch"):
+      raise CalmError(f"sampler must be exact or batch, got {settings.sampler!r}")
+
+  def step_slots(self, state: DecodeState, rows, sampler: Any
+                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One decode step of every slot at its own settings (`rows` from `slot_rows`; `sampler`
+    gives what is fixed for all slots) → (state, tokens [slots, tokens_per_step], draws);
+    `state` is donated. A slot's tokens depend on its own prompt, key and settings only."""
+    raise NotImplementedError
+
   def _check(self, prompts, keys_B, max_new_tokens: int) -> None:
     if max_new_tokens < 1:
       raise CalmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -289,6 +421,8 @@ class Engine:
 
 class CalmEngine(Engine):
   """CALM: a chunk of K tokens per step (head sample → autoencoder decode)."""
+
+  max_temperature = 1.0
 
   def __init__(self, calm, ae, *, eos_id: int, pad_id: int):
     super().__init__(eos_id=eos_id, pad_id=pad_id)
@@ -325,6 +459,33 @@ class CalmEngine(Engine):
     return _calm_prefill_jit(self.calm_def, self.calm_state, prompt_BSK, chunks_B, keys_B,
                              capacity=capacity)
 
+  def prefill_row_batch(self, prompts, keys_B, *, capacity, positions):
+    prompt_BSK, chunks_B = self._prompt(prompts)
+    pad = positions - prompt_BSK.shape[1]
+    if pad < 0 or positions > capacity:
+      raise CalmError(f"prompt of {prompt_BSK.shape[1]} chunks does not fit {positions} "
+                      f"positions (capacity {capacity})")
+    prompt_BSK = jnp.pad(prompt_BSK, ((0, 0), (0, pad), (0, 0)), constant_values=self.pad_id)
+    return _calm_prefill_jit(self.calm_def, self.calm_state, prompt_BSK, chunks_B, keys_B,
+                             capacity=capacity)
+
+  def slot_rows(self, settings):
+    return sampling.ChunkRows.build([None if s is None else (s.temperature, s.sampler)
+                                     for s in settings])
+
+  def check_settings(self, settings):
+    super().check_settings(settings)
+    if settings.top_p != 1.0:
+      raise CalmError("top_p: CALM draws whole chunks from a continuous head and has no token "
+                      "distribution to truncate; leave top_p at 1 (use temperature)")
+
+  def step_slots(self, state, rows, sampler=ChunkSampler()):
+    return _calm_slots_step_jit(
+        self.calm_def, self.calm_state, self.ae_def, self.ae_state, state, rows,
+        num_candidates=sampler.num_candidates, max_attempts=sampler.max_attempts,
+        draws_per_step=sampler.draws_per_step or SLOT_DRAWS_PER_STEP, eos_id=self.eos_id,
+        pad_id=self.pad_id)
+
   def decode_step(self, state, sampler=ChunkSampler()):
     return _calm_step_jit(self.calm_def, self.calm_state, self.ae_def, self.ae_state, state,
                           sampler=sampler, eos_id=self.eos_id, pad_id=self.pad_id)
@@ -360,6 +521,23 @@ class AREngine(Engine):
     ids, lens = ragged(prompts, self.pad_id, 1)
     return _ar_prefill_jit(self.model_def, self.state, jnp.asarray(ids), jnp.asarray(lens),
                            keys_B, capacity=ids.shape[1] + max_new_tokens)
+
+  def prefill_row_batch(self, prompts, keys_B, *, capacity, positions):
+    ids, lens = ragged(prompts, self.pad_id, 1)
+    if ids.shape[1] > positions or positions > capacity:
+      raise CalmError(f"prompt of {ids.shape[1]} tokens does not fit {positions} positions "
+                      f"(capacity {capacity})")
+    ids = np.pad(ids, ((0, 0), (0, positions - ids.shape[1])), constant_values=self.pad_id)
+    return _ar_prefill_jit(self.model_def, self.state, jnp.asarray(ids), jnp.asarray(lens),
+                           keys_B, capacity=capacity)
+
+  def slot_rows(self, settings):
+    return sampling.TokenRows.build([None if s is None else (s.temperature, s.top_p)
+                                     for s in settings])
+
+  def step_slots(self, state, rows, sampler=TokenSampler()):
+    return _ar_slots_step_jit(self.model_def, self.state, state, rows, top_k=int(sampler.top_k),
+                              eos_id=self.eos_id, pad_id=self.pad_id)
 
   def decode_step(self, state, sampler=TokenSampler()):
     traced, static = self._args(sampler)

@@ -109,15 +109,130 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float | jax
   `temperature` and `top_p` may be traced; `top_k` fixes a shape and `nucleus` (default
   `top_p < 1`, needed when `top_p` is traced) whether the sort runs, so both are static.
   """
-  logits = logits_BV.astype(jnp.float32) / temperature
-  if top_k > 0:
-    kth_B1 = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
+  logits = _top_k(logits_BV.astype(jnp.float32) / temperature, top_k)
   if nucleus if nucleus is not None else top_p < 1.0:
-    sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < top_p
-    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff_B1, -jnp.inf, logits)
+    logits = _nucleus(logits, top_p)
   return categorical(key, logits)
+
+
+def _top_k(logits_BV: jax.Array, top_k: int) -> jax.Array:
+  if top_k <= 0:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def _nucleus(logits_BV: jax.Array, top_p: float | jax.Array) -> jax.Array:
+  """Keeps the smallest prefix of tokens by probability whose mass reaches top_p (the first
+  token always stays); `top_p` a scalar or [B, 1] (a row with top_p >= 1 keeps everything)."""
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  p_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  keep_BV = ((jnp.cumsum(p_BV, axis=-1) - p_BV) < top_p) | (top_p >= 1.0)
+  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+# ----------------------------------------------------------------------------- rows that differ
+
+# How a row of a `ChunkRows` batch picks its chunk.
+ONE_DRAW, EXACT, BATCH = 0, 1, 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ChunkRows:
+  """Per-row CALM sampler settings, for rows that differ in temperature and sampler (a server's
+  decode slots), as arrays so one compiled step serves them all: `mode_B` (ONE_DRAW: T = 1,
+  EXACT, BATCH), `n_B` + `alpha_B` (exact: 1/T = n + α), `inv_B` (batch: 1/T; inf = the most
+  frequent of the candidates, what T = 0 means for CALM), `live_B` (rows that draw at all)."""
+
+  mode_B: jax.Array
+  n_B: jax.Array
+  alpha_B: jax.Array
+  inv_B: jax.Array
+  live_B: jax.Array
+
+  @staticmethod
+  def build(rows: list[tuple[float, str] | None]) -> ChunkRows:
+    """From (temperature, "exact" | "batch") per row (None: an empty row); T = 0 → batch
+    sampler's limit (the mode of the candidates)."""
+    mode, n, alpha, inv, live = [], [], [], [], []
+    for r in rows:
+      T, kind = r if r is not None else (1.0, "exact")
+      if T == 0.0:
+        m, ni, a, s = BATCH, 1, 0.0, float("inf")
+      else:
+        ni, a = temp_lib.split_inverse_temperature(T)
+        m, s = (ONE_DRAW if T == 1.0 else EXACT if kind == "exact" else BATCH), 1.0 / T
+      mode.append(m), n.append(ni), alpha.append(a), inv.append(s), live.append(r is not None)
+    return ChunkRows(jnp.asarray(mode, jnp.int32), jnp.asarray(n, jnp.int32),
+                     jnp.asarray(alpha, jnp.float32), jnp.asarray(inv, jnp.float32),
+                     jnp.asarray(live, bool))
+
+
+def next_chunk_rows(calm, ae, h_BD: jax.Array, key_B: jax.Array, rows: ChunkRows, *,
+                    num_candidates: int, max_attempts: int, draws_per_step: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """One chunk per row at each row's own settings → (chunk_BK, draws_B; 0 for rows not live).
+
+  Row b gets what `next_chunk` gives it with its temperature and sampler (same row key, same
+  `num_candidates`, `max_attempts` and `draws_per_step`). A sampler no live row uses is skipped.
+  """
+  B = h_BD.shape[0]
+  zeros_BK = jnp.zeros((B, ae.chunk_size), jnp.int32)
+  zeros_B = jnp.zeros((B,), jnp.int32)
+  use_B = [rows.live_B & (rows.mode_B == m) for m in (ONE_DRAW, EXACT, BATCH)]
+
+  def one():
+    return decode_candidates(calm, ae, h_BD, key_B, 1)[:, 0], jnp.ones((B,), jnp.int32)
+
+  def exact():
+    draw = lambda k, num: decode_candidates(calm, ae, h_BD, k, num)
+    chunk_BK, ok_B, draws_B = temp_lib.exact_sample_rows(
+        draw, key_B, rows.n_B, rows.alpha_B, max_attempts, draws_per_step, active_B=use_B[1])
+    return chunk_BK, jnp.where(ok_B, draws_B, -draws_B)
+
+  def batch():
+    ck, sk = temp_lib.split_keys(key_B)
+    cand_BNK = decode_candidates(calm, ae, h_BD, ck, num_candidates)
+    logw_BN = temp_lib.batch_log_weights_rows(cand_BNK, rows.inv_B)
+    return temp_lib.batch_pick(cand_BNK, sk, logw_BN), jnp.full((B,), num_candidates, jnp.int32)
+
+  chunk_BK, draws_B = zeros_BK, zeros_B
+  for use, fn in zip(use_B, (one, exact, batch)):
+    c_BK, d_B = jax.lax.cond(jnp.any(use), fn, lambda: (zeros_BK, zeros_B))
+    chunk_BK = jnp.where(use[:, None], c_BK, chunk_BK)
+    draws_B = jnp.where(use, d_B, draws_B)
+  return chunk_BK, draws_B
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TokenRows:
+  """Per-row AR sampler settings: `temperature_B` (0 = greedy: the most likely token),
+  `top_p_B`, `live_B`."""
+
+  temperature_B: jax.Array
+  top_p_B: jax.Array
+  live_B: jax.Array
+
+  @staticmethod
+  def build(rows: list[tuple[float, float] | None]) -> TokenRows:
+    """From (temperature, top_p) per row (None: an empty row)."""
+    t, p = zip(*[r if r is not None else (1.0, 1.0) for r in rows])
+    return TokenRows(jnp.asarray(t, jnp.float32), jnp.asarray(p, jnp.float32),
+                     jnp.asarray([r is not None for r in rows], bool))
+
+
+def next_token_rows(logits_BV: jax.Array, key_B: jax.Array, rows: TokenRows, top_k: int = 0
+                    ) -> jax.Array:
+  """One token per row at its own temperature and top-p → int32 [B]; row b gets what
+  `sample_logits` gives it with the same key (and the most likely token at temperature 0)."""
+  greedy_B = rows.temperature_B == 0.0
+  t_B1 = jnp.where(greedy_B, 1.0, rows.temperature_B)[:, None]
+  logits = _top_k(logits_BV.astype(jnp.float32) / t_B1, top_k)
+  top_p_B1 = rows.top_p_B[:, None]
+  logits = jax.lax.cond(jnp.any(rows.live_B & (rows.top_p_B < 1.0)),
+                        lambda: _nucleus(logits, top_p_B1), lambda: logits)
+  tok_B = categorical(key_B, logits)
+  return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), tok_B)

@@ -105,14 +105,28 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
   if max_attempts < 1 or draws_per_step < 1:
     raise CalmError(f"max_attempts and draws_per_step must be >= 1, got {max_attempts}, "
                     f"{draws_per_step}")
-  draw_key, coin_key = split_keys(key)
   if n == 1 and alpha == 0.0:  # T = 1: one draw is exact
+    draw_key, _ = split_keys(key)
     first_BK = draw_fn(fold_keys(draw_key, 0), 1)[:, 0]
     B = first_BK.shape[0]
     return first_BK, jnp.ones((B,), bool), jnp.ones((B,), jnp.int32)
+  return exact_sample_rows(draw_fn, key, n, alpha, max_attempts, draws_per_step)
+
+
+def exact_sample_rows(draw_fn: DrawFn, key: jax.Array, n: int | jax.Array,
+                      alpha: float | jax.Array, max_attempts: int, draws_per_step: int = 1,
+                      active_B: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`exact_sample` with 1/T = n + α given per row (`n` int32 [B], `alpha` float32 [B], or
+  scalars; from `split_inverse_temperature`), so one compiled sampler serves rows at different
+  temperatures. Rows outside `active_B` draw nothing (they return draw 0 and 0 attempts). A row
+  gets exactly what `exact_sample` gives it at its temperature (same key, same R)."""
+  draw_key, coin_key = split_keys(key)
   R = draws_per_step
   first_BRK = draw_fn(fold_keys(draw_key, 0), R)
   B = first_BRK.shape[0]
+  alpha_B = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (B,))
+  n_B = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (B,))
 
   def update(state, y_BK, u_B):
     phase_B, x_BK, agree_B, k_B, fallback_BK, attempts_B = state
@@ -126,14 +140,14 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
     x_BK = jnp.where(start_B[:, None], y_BK, x_BK)
     agree_B = jnp.where(in_agree_B,
                         jnp.where(start_B, 1, jnp.where(match_B, agree_B + 1, 0)), agree_B)
-    reached_B = in_agree_B & (agree_B >= n)
+    reached_B = in_agree_B & (agree_B >= n_B)
     fallback_BK = jnp.where(reached_B[:, None], x_BK, fallback_BK)
     # Bernoulli factory for P(x)^α; k_B is the factory's step index.
     in_factory_B = active_B & (phase_B == _FACTORY)
     accept_B = in_factory_B & match_B
-    reject_B = in_factory_B & ~match_B & (u_B < alpha / jnp.maximum(k_B, 1).astype(u_B.dtype))
+    reject_B = in_factory_B & ~match_B & (u_B < alpha_B / jnp.maximum(k_B, 1).astype(u_B.dtype))
     k_B = jnp.where(in_factory_B, k_B + 1, jnp.where(reached_B, 1, k_B))
-    done_B = accept_B | (reached_B if alpha == 0.0 else jnp.zeros_like(reached_B))
+    done_B = accept_B | (reached_B & (alpha_B == 0.0))
     phase_B = jnp.where(done_B, _DONE,
                         jnp.where(reject_B, _AGREE,
                                   jnp.where(reached_B, _FACTORY, phase_B)))
@@ -147,7 +161,8 @@ def exact_sample(draw_fn: DrawFn, key: jax.Array, temperature: float, max_attemp
     return jax.lax.scan(step, state, (jnp.moveaxis(y_BRK, 1, 0), u_BR.T))[0]
 
   zeros_B = jnp.zeros((B,), jnp.int32)
-  state = consume((zeros_B + _AGREE, first_BRK[:, 0], zeros_B, zeros_B, first_BRK[:, 0], zeros_B),
+  phase0_B = zeros_B + _AGREE if active_B is None else jnp.where(active_B, _AGREE, _DONE)
+  state = consume((phase0_B, first_BRK[:, 0], zeros_B, zeros_B, first_BRK[:, 0], zeros_B),
                   0, first_BRK)
 
   def unfinished(state):
@@ -211,11 +226,19 @@ def batch_log_weights(candidates_BNK: jax.Array, temperature: float) -> jax.Arra
   The normalised selection is a ratio of estimates, hence slightly biased at finite N; the bias
   vanishes as N grows.
   """
-  s = 1.0 / validate_temperature(temperature)
+  return batch_log_weights_rows(candidates_BNK, 1.0 / validate_temperature(temperature))
+
+
+def batch_log_weights_rows(candidates_BNK: jax.Array, inverse_temperature: float | jax.Array
+                           ) -> jax.Array:
+  """`batch_log_weights` with s = 1/T per row (float32 [B] or a scalar). s = inf (T → 0) is
+  uniform over each row's most frequent chunks: the mode of the N candidates."""
   count_BN, is_rep_BN = chunk_counts(candidates_BNK)
   c_BN = count_BN.astype(jnp.float32)
   cmax_B1 = jnp.max(c_BN, axis=1, keepdims=True)
-  e_B1 = jnp.minimum(jnp.float32(s), cmax_B1)
+  s_B1 = jnp.reshape(jnp.broadcast_to(jnp.asarray(inverse_temperature, jnp.float32),
+                                      c_BN.shape[:1]), (-1, 1))
+  e_B1 = jnp.minimum(s_B1, cmax_B1)
   eligible_BN = is_rep_BN & (c_BN >= jnp.floor(e_B1))
   safe_BN = jnp.where(eligible_BN, c_BN - e_B1 + 1.0, 1.0)
   logw_BN = jax.lax.lgamma(c_BN + 1.0) - jax.lax.lgamma(e_B1 + 1.0) - jax.lax.lgamma(safe_BN)
@@ -231,7 +254,11 @@ def batch_sample(candidates_BNK: jax.Array, key: jax.Array, temperature: float) 
   """
   if validate_temperature(temperature) == 1.0:
     return candidates_BNK[:, 0]
-  logw_BN = batch_log_weights(candidates_BNK, temperature)
+  return batch_pick(candidates_BNK, key, batch_log_weights(candidates_BNK, temperature))
+
+
+def batch_pick(candidates_BNK: jax.Array, key: jax.Array, logw_BN: jax.Array) -> jax.Array:
+  """One candidate per row ∝ exp(logw) (`key`: one key, or one per row)."""
   if is_key_batch(key):
     idx_B = jax.vmap(lambda k, lw: jax.random.categorical(k, lw))(key, logw_BN)
   else:

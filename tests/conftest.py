@@ -108,3 +108,28 @@ def tiny_runs(tmp_path_factory) -> pathlib.Path:
   trainer.train(config.load(tiny, [f"run_dir={root}/ar", "stage=ar", tok, *common]),
                 progress=False)
   return root
+
+
+def randomize(module, seed: int) -> None:
+  """Re-draws every matrix ~ N(0, 1/fan_in) in place: a 3-step run's zero-initialised head
+  output gives every prompt and seed the same chunk, which would make equalities vacuous."""
+  from flax import nnx
+
+  state = nnx.state(module, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [x if x.ndim < 2 else jax.random.normal(k, x.shape) * float(np.prod(x.shape[:-1])) ** -0.5
+         for x, k in zip(leaves, keys)]
+  nnx.update(module, jax.tree.unflatten(treedef, new))
+
+
+@pytest.fixture(scope="session")
+def lively(tiny_runs):
+  """CALM and AR runs whose outputs depend on the prompt and the seed."""
+  import calm
+
+  out = {s: calm.open(tiny_runs / s) for s in ("calm", "ar")}
+  randomize(out["calm"].model, 1)
+  randomize(out["calm"].autoencoder.model, 2)
+  randomize(out["ar"].model, 3)
+  return out

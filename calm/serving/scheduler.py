@@ -1,0 +1,263 @@
+"""Continuous batching: a fixed set of decode slots on the generation engine, compiled once.
+
+One thread owns the device. Between decode steps it prefills waiting choices (each alone, its
+prompt padded to a length bucket) into free slots; every step decodes all slots, each at its
+own temperature / sampler / seed; a choice that ends (EOS, max_tokens, a stop string) or is
+cancelled frees its slot at once. Step n+1 is dispatched before step n's tokens are read back,
+so the host's text work overlaps the device's next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from calm import engine as engine_lib
+from calm.engine import RowSettings
+from calm.serving.metrics import Metrics
+from calm.serving.protocol import MAX_SEED
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, "str | None"], None]  # (new text, finish reason or None)
+
+
+@dataclasses.dataclass(eq=False)
+class Choice:
+  """One prompt continued once: what it asked for, and what it has produced so far."""
+
+  prompt_ids: list[int]
+  seed: int
+  settings: RowSettings
+  max_tokens: int
+  stops: tuple[str, ...]
+  emit: Emit
+  arrived: float = dataclasses.field(default_factory=time.monotonic)
+  ids: list[int] = dataclasses.field(default_factory=list)
+  generated: int = 0  # tokens consumed (EOS included)
+  sent: str = ""
+  finish: str | None = None
+  cancelled: bool = False
+  first_token_at: float | None = None
+
+  def take(self, new_ids: list[int], tokenizer) -> tuple[str, str | None]:
+    """Appends one step's tokens → (text to send now, finish reason or None). Text that could
+    still turn into a stop string, or an unfinished UTF-8 character, is held back."""
+    for t in new_ids:
+      if self.generated >= self.max_tokens:
+        break
+      self.generated += 1
+      if t == tokenizer.eos_id:
+        self.finish = "stop"
+        break
+      self.ids.append(t)
+    if self.finish is None and self.generated >= self.max_tokens:
+      self.finish = "length"
+    text = tokenizer.decode(self.ids)
+    if self.stops:
+      start = max(0, len(self.sent) - max(map(len, self.stops)))
+      hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+      if hits:
+        text, self.finish = text[:min(hits)], "stop"
+    if self.finish is None:
+      text = text[:len(text) - _held(text, self.stops)]
+    if not text.startswith(self.sent) or len(text) <= len(self.sent):
+      return "", self.finish
+    delta, self.sent = text[len(self.sent):], text
+    return delta, self.finish
+
+
+def _held(text: str, stops: tuple[str, ...]) -> int:
+  """Characters at the end of `text` not to send yet: a replacement character (a multi-byte
+  character cut by the step) or the longest suffix that begins some stop string."""
+  n = 0
+  while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
+    n += 1
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), n, -1):
+      if text.endswith(s[:k]):
+        n = k
+        break
+  return n
+
+
+class QueueFull(Exception):
+  """The bounded queue cannot take the request now."""
+
+
+class Scheduler:
+  """Decode slots over one run's engine. `submit` choices from any thread; their `emit`
+  callbacks run on the decode thread."""
+
+  def __init__(self, run, *, slots: int, max_queue: int, buckets: tuple[int, ...] = ()):
+    self.run, self.engine, self.tokenizer = run, run.engine, run.tokenizer
+    self.sampler = run.stage.sampler(run.config.sampling)  # the fixed part of every slot
+    self.context = run.config.data.block_tokens
+    self.capacity = self.engine.positions(self.context) + 1  # + a CALM prompt's left padding
+    self.buckets = tuple(sorted({min(b, self.capacity) for b in buckets} | {self.capacity})) \
+        if buckets else _buckets(self.capacity)
+    self.num_slots, self.max_queue = slots, max_queue
+    self.metrics = Metrics()
+    self.owner: list[Choice | None] = [None] * slots
+    self.queue: collections.deque[Choice] = collections.deque()
+    self._cv = threading.Condition()
+    self._stop = False
+    self._rows_for: tuple = ()
+    self._rows = None
+    self.state = self.engine.slots(slots, self.capacity)
+    self._thread = threading.Thread(target=self._loop, name="calm-decode", daemon=True)
+
+  # --------------------------------------------------------------------------- public
+
+  def warm_up(self) -> float:
+    """Compiles every prefill bucket, the insert and the step before serving → seconds."""
+    t0 = time.perf_counter()
+    key = engine_lib.row_keys([0])[0]
+    for b in self.buckets:
+      row = self.engine.prefill_row([self.tokenizer.eos_id], key, capacity=self.capacity,
+                                    positions=b)
+      self.state = self.engine.insert(self.state, row, 0)
+    rows = self.engine.slot_rows([RowSettings()] + [None] * (self.num_slots - 1))
+    self.state, toks, _ = self.engine.step_slots(self.state, rows, self.sampler)
+    np.asarray(toks)
+    self.state = self.engine.slots(self.num_slots, self.capacity)
+    return time.perf_counter() - t0
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def close(self) -> None:
+    with self._cv:
+      self._stop = True
+      self._cv.notify_all()
+    self._thread.join(timeout=30)
+
+  def bucket(self, num_tokens: int) -> int:
+    """The prefill length bucket (cache positions) of a prompt of `num_tokens` tokens."""
+    need = self.engine.positions(num_tokens)
+    return next(b for b in self.buckets if b >= need)
+
+  def submit(self, choices: list[Choice]) -> None:
+    with self._cv:
+      if len(self.queue) + len(choices) > self.max_queue:
+        raise QueueFull
+      self.queue.extend(choices)
+      self._cv.notify()
+
+  def new_seed(self) -> int:
+    return secrets.randbelow(MAX_SEED // 2)
+
+  @property
+  def busy(self) -> int:
+    return sum(o is not None for o in self.owner)
+
+  @property
+  def waiting(self) -> int:
+    return len(self.queue)
+
+  def idle(self) -> bool:
+    with self._cv:
+      return not self.queue and self.busy == 0
+
+  def cancel_all(self) -> None:
+    with self._cv:
+      for c in list(self.queue) + [o for o in self.owner if o is not None]:
+        c.cancelled = True
+      self._cv.notify()
+
+  # --------------------------------------------------------------------------- decode thread
+
+  def _loop(self) -> None:
+    pending = None
+    while True:
+      with self._cv:
+        while not (self._stop or self.queue or self.busy or pending):
+          self._cv.wait()
+        if self._stop:
+          break
+        admit = []
+        free = [i for i, o in enumerate(self.owner) if o is None]
+        while free and self.queue:
+          c = self.queue.popleft()
+          if not c.cancelled:
+            admit.append((free.pop(0), c))
+            self.owner[admit[-1][0]] = c
+      try:
+        for slot, c in admit:
+          self._prefill(slot, c)
+        step = self._step() if self.busy else None
+        if pending is not None:
+          self._deliver(*pending)
+        pending = step
+      except Exception as e:  # a device error must not take the server down
+        log.exception("decode step failed")
+        self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+        pending = None
+
+  def _prefill(self, slot: int, c: Choice) -> None:
+    key = engine_lib.row_keys([c.seed])[0]
+    row = self.engine.prefill_row(c.prompt_ids, key, capacity=self.capacity,
+                                  positions=self.bucket(len(c.prompt_ids)))
+    self.state = self.engine.insert(self.state, row, slot)
+    self.metrics.prompt(len(c.prompt_ids))
+
+  def _step(self):
+    owners = tuple(self.owner)
+    if tuple(map(id, owners)) != self._rows_for:
+      self._rows = self.engine.slot_rows([None if o is None else o.settings for o in owners])
+      self._rows_for = tuple(map(id, owners))
+    self.state, toks, _ = self.engine.step_slots(self.state, self._rows, self.sampler)
+    return toks, owners
+
+  def _deliver(self, toks, owners) -> None:
+    toks = np.asarray(toks)
+    now, produced = time.monotonic(), 0
+    for slot, c in enumerate(owners):
+      if c is None or c.finish is not None:
+        continue
+      if c.cancelled:
+        self._free(slot, c)
+        continue
+      before = c.generated
+      delta, finish = c.take(toks[slot].tolist(), self.tokenizer)
+      produced += c.generated - before
+      if c.first_token_at is None:
+        c.first_token_at = now
+        self.metrics.first_token(now - c.arrived)
+      c.emit(delta, finish)
+      if finish is not None:
+        self._free(slot, c)
+    self.metrics.generated(produced, now)
+
+  def _free(self, slot: int, c: Choice) -> None:
+    with self._cv:
+      if self.owner[slot] is c:
+        self.owner[slot] = None
+
+  def _fail_all(self, message: str) -> None:
+    with self._cv:
+      victims = list(self.queue) + [o for o in self.owner if o is not None]
+      self.queue.clear()
+      self.owner = [None] * self.num_slots
+    self.state = self.engine.slots(self.num_slots, self.capacity)
+    self._rows_for = ()
+    for c in victims:
+      if c.finish is None:
+        c.finish = "error"
+        c.emit(message, "error")
+
+
+def _buckets(capacity: int) -> tuple[int, ...]:
+  """Prefill lengths: powers of two from 8 below the capacity, and the capacity."""
+  out, b = [], 8
+  while b < capacity:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (capacity,)
