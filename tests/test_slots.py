@@ -108,11 +108,11 @@ def test_greedy_ar_is_the_most_likely_token(slotted):
   got = run_slots(r, [("The old man", s, RowSettings(0.0, top_p=0.5)) for s in (1, 2)],
                   num_slots=2, max_new=6, stagger=0)
   assert got[0] == got[1]
-  seq = r.tokenizer.encode("The old man")
-  for t in got[0]:
-    logits_BTV, _ = r.model(jnp.asarray([seq]))
-    assert int(np.argmax(np.asarray(logits_BTV[0, -1], np.float32))) == t
-    seq.append(t)
+  prompt = r.tokenizer.encode("The old man")
+  # causal: the logits at position i of prompt + answer are the next-token logits after i
+  logits_BTV, _ = r.model(jnp.asarray([prompt + got[0]]))
+  best = np.argmax(np.asarray(logits_BTV[0], np.float32), axis=-1)
+  assert best[len(prompt) - 1:len(prompt) - 1 + len(got[0])].tolist() == got[0]
 
 
 def test_zero_temperature_weights_are_the_mode():

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import sys
-import threading
-import time
+import pathlib
 
-from calm.errors import CalmError, ConfigError
+from calm.errors import CalmError
 
 API_KEY_ENV = "CALM_API_KEY"
 
@@ -29,20 +26,6 @@ def _positive(text: str) -> int:
   if v < 1:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
   return v
-
-
-def _listen(host: str, port: int) -> socket.socket:
-  """The listening socket, bound before any slow work (a taken port is a one-line error)."""
-  try:
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(info[4])
-    sock.listen(2048)
-  except OSError as e:
-    raise CalmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-  sock.set_inheritable(True)
-  return sock
 
 
 def main(argv=None) -> int:
@@ -60,6 +43,8 @@ def main(argv=None) -> int:
                   help="seconds SIGTERM waits for running requests")
   ap.add_argument("--model-name", default=None, help="the model id (default: the run's name)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--buckets", default="", help="prefill lengths in cache positions, e.g. "
+                  "16,64 (default: powers of two up to the context)")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
   if not 0 <= args.port <= 65535:
@@ -69,60 +54,44 @@ def main(argv=None) -> int:
     import uvicorn
   except ImportError:
     raise CalmError("calm-serve needs the serve extra: pip install 'calm-jax[serve]'") from None
-  sock = _listen(args.host, args.port)
+  from calm.serving import server as server_lib
 
+  sock = server_lib.listen(args.host, args.port)
   import calm
-  from calm.serving import app as app_lib, protocol
-  from calm.serving.scheduler import Scheduler
 
-  run = calm.open(args.config, args.step, overrides=args.overrides)
-  if not run.stage.generates:
-    raise ConfigError(f"stage: calm-serve needs a calm or ar run, got {run.config.stage}")
-  sched = Scheduler(run, slots=args.slots, max_queue=args.max_queue)
-  compile_s = sched.warm_up()
-  eng = run.engine
-  limits = protocol.Limits(
-      model=args.model_name or run.run_dir.name, context=sched.context, max_n=args.max_n,
-      default_max_tokens=min(run.config.sampling.max_new_tokens, sched.context - 1),
-      max_temperature=eng.max_temperature,
-      samplers=("exact", "batch") if eng.tokens_per_step > 1 else (),
-      default_sampler=run.config.sampling.sampler)
-  state = app_lib.ServerState(sched, limits, args.api_key or os.environ.get(API_KEY_ENV) or None,
-                              args.max_body_bytes)
-  server = _draining_server(uvicorn.Config(app_lib.create_app(state), log_level="warning",
-                                  access_log=False, timeout_graceful_shutdown=5),
-                   state, args.grace)
-  sched.start()
+  try:
+    buckets = tuple(_positive(b) for b in args.buckets.split(",")) if args.buckets else ()
+  except argparse.ArgumentTypeError as e:
+    raise CalmError(f"--buckets: {e}") from None
+  options = server_lib.Options(
+      slots=args.slots, max_queue=args.max_queue, max_n=args.max_n,
+      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+      max_body_bytes=args.max_body_bytes, grace=args.grace, model_name=args.model_name,
+      buckets=buckets)
+  from calm import paths, stages
+
+  where = pathlib.Path(args.config)
+  cfg_path = where / paths.CONFIG_FILE if where.is_dir() else where
+  cfg = paths.load_config(cfg_path, list(args.overrides))
+  if not stages.get_stage(cfg).generates:  # before any weights load
+    raise CalmError(f"stage: calm-serve needs a calm or ar run, got {cfg.stage}")
+  run = calm.open(cfg_path, args.step, overrides=args.overrides)
+  state, app, compile_s = server_lib.prepare(run, options)
+  server = server_lib.uvicorn_server(app, state, options.grace)
+  state.scheduler.start()
   host, port = sock.getsockname()[:2]
-  print(f"serving {limits.model} ({run.config.stage}, step {run.step}) on http://{host}:{port} "
-        f"with {args.slots} slots (compiled in {compile_s:.1f} s)", flush=True)
+  print(f"serving {state.limits.model} ({run.config.stage}, step {run.step}) on "
+        f"http://{host}:{port} with {args.slots} slots (compiled in {compile_s:.1f} s)",
+        flush=True)
   try:
     server.run(sockets=[sock])
   finally:
-    sched.close()
+    state.scheduler.close()
   print("calm-serve: stopped", flush=True)
   return 0
 
 
-def _draining_server(config, state, grace: float):
-  """uvicorn's server with a draining exit: the first SIGTERM/SIGINT turns new requests away
-  (503) and lets the running ones finish for up to `grace` seconds; a second one exits now."""
-  import uvicorn
+if __name__ == "__main__":
+  from calm.errors import cli
 
-  class Server(uvicorn.Server):
-    def handle_exit(self, sig, frame):
-      if state.draining:
-        return super().handle_exit(sig, frame)
-      state.draining = True
-      print("calm-serve: draining (new requests get 503)", file=sys.stderr, flush=True)
-      threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-      deadline = time.monotonic() + grace
-      while not state.scheduler.idle() and time.monotonic() < deadline:
-        time.sleep(0.05)
-      state.scheduler.cancel_all()
-      time.sleep(0.2)  # the last events reach their responses
-      self.should_exit = True
-
-  return Server(config)
+  raise SystemExit(cli(main)())
