@@ -307,3 +307,25 @@ def test_cli_refuses_an_autoencoder_run(tiny_runs):
                       str(tiny_runs / "ae" / "config.yaml"), "--port", "0"],
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "calm or ar" in r.stderr
+
+
+@pytest.mark.parametrize("stage", ["calm", "ar"])
+def test_nothing_compiles_while_serving(served, stage):
+  """After warm-up, prompts of every length, every sampler setting, n, stop and streaming
+  reuse the compiled prefill buckets, insert and step."""
+  b = served[stage]
+  jitted = [engine._insert, engine._calm_prefill_jit, engine._ar_prefill_jit,
+            engine._calm_slots_step_jit, engine._ar_slots_step_jit]
+  before = [f._cache_size() for f in jitted]
+  settings = ([dict(temperature=1.0), dict(temperature=0.3, sampler="exact"),
+               dict(temperature=0.6, sampler="batch"), dict(temperature=0)] if stage == "calm"
+              else [dict(temperature=1.0), dict(temperature=0.5, top_p=0.8), dict(temperature=0),
+                    dict(temperature=1.7)])
+  words = "the old man said that it was a long way to the sea and back again".split()
+  make = lambda i, rng: {"body": body(" ".join(words[:1 + (7 * i) % 11]),
+                                      seed=i, max_tokens=1 + i % 9, stream=bool(i % 2),
+                                      n=1 + i % 2, stop=["zz"] if i % 3 else None,
+                                      **settings[i % len(settings)])}
+  results, _ = loadgen.run_load(b.url, make, clients=4, requests=16, api_key=KEY)
+  assert all(r.status == 200 and r.complete for r in results), [r.error for r in results]
+  assert [f._cache_size() for f in jitted] == before

@@ -181,12 +181,22 @@ def _cancel_unfinished(choices: list[Choice]) -> None:
       c.cancelled = True
 
 
-async def models(request: Request) -> Response:
-  state: ServerState = request.app.state.server
-  try:
-    _check_key(state, request)
-  except ApiError as e:
-    return _error(e)
+def _keyed(handler):
+  """A route that needs the API key (when the server has one): `handler(request, state)`."""
+
+  async def route(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    try:
+      _check_key(state, request)
+    except ApiError as e:
+      return _error(e)
+    return await handler(request, state)
+
+  return route
+
+
+@_keyed
+async def models(request: Request, state: ServerState) -> Response:
   run = state.scheduler.run
   return JSONResponse({"object": "list", "data": [{
       "id": state.limits.model, "object": "model", "created": state.created,
@@ -203,12 +213,8 @@ async def health(request: Request) -> Response:
   return JSONResponse(body, status_code=503 if state.draining else 200)
 
 
-async def metrics(request: Request) -> Response:
-  state: ServerState = request.app.state.server
-  try:
-    _check_key(state, request)
-  except ApiError as e:
-    return _error(e)
+@_keyed
+async def metrics(request: Request, state: ServerState) -> Response:
   s = state.scheduler
   text = s.metrics.render(queue_depth=s.waiting, slots_busy=s.busy, slots=s.num_slots,
                           draining=state.draining)

@@ -33,6 +33,9 @@ def prepare(run, options: Options) -> tuple[app_lib.ServerState, object, float]:
   (state, app, compile seconds)."""
   if not run.stage.generates:
     raise CalmError(f"stage: serving needs a calm or ar run, got {run.config.stage}")
+  if options.max_n > options.max_queue:
+    raise CalmError(f"--max-n {options.max_n} exceeds --max-queue {options.max_queue}: such a "
+                    f"request could never be queued")
   sched = Scheduler(run, slots=options.slots, max_queue=options.max_queue,
                     buckets=options.buckets)
   compile_s = sched.warm_up()
