@@ -186,16 +186,18 @@ def quality_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- TPU bytes
 
 
-def _abstract(build, weights, cache, sharding):
-  """(graphdef, abstract state on `sharding`) of `build()` stored in the given precision."""
-  import jax
+def _abstract(build, weights, cache, sharding, auto_layout: bool):
+  """(graphdef, abstract state on `sharding`) of `build()` stored in the given precision; with
+  `auto_layout` the compiler chooses the weights' layouts (as a server storing them once in the
+  layout the step wants), else they are row-major."""
   from flax import nnx
+  from jax.experimental.layout import Format, Layout
 
   from calm import quantize
 
   model = nnx.eval_shape(lambda: quantize.apply(build(), weights, cache))
   gd, st = nnx.split(model)
-  return gd, _placed(st, sharding)
+  return gd, _placed(st, Format(Layout.AUTO, sharding) if auto_layout else sharding)
 
 
 def _placed(tree, sharding):
@@ -211,7 +213,7 @@ def _nbytes(tree) -> int:
 
 
 def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
-                context: int | None = None) -> dict:
+                context: int | None = None, auto_layout: bool = True) -> dict:
   """The engine's decode step of `configs/NAME.yaml` at `batch` rows with a cache of `context`
   tokens (default the training context), compiled for `device`: bytes accessed, weight / cache
   bytes, memory analysis."""
@@ -232,10 +234,12 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
   rep = NamedSharding(mesh, P())
   from calm import stages
 
-  gd, st = _abstract(lambda: stages.get_stage(cfg).build(m, nnx.Rngs(0)), weights, cache, rep)
+  gd, st = _abstract(lambda: stages.get_stage(cfg).build(m, nnx.Rngs(0)), weights, cache, rep,
+                     auto_layout)
   keys = _placed(jax.eval_shape(lambda: engine.row_keys(list(range(batch)))), rep)
   if calm_stage:
-    agd, ast = _abstract(lambda: Autoencoder(m, rngs=nnx.Rngs(0)), weights, None, rep)
+    agd, ast = _abstract(lambda: Autoencoder(m, rngs=nnx.Rngs(0)), weights, None, rep,
+                         auto_layout)
     chunks = context // m.chunk_size
     prompt = jax.ShapeDtypeStruct((batch, 1, m.chunk_size), jnp.int32)
     state = jax.eval_shape(lambda st, p, c, k: engine._calm_prefill(
@@ -267,6 +271,7 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
   mem = compiled.memory_analysis()
   cache_bytes = _nbytes((state.cache.k, state.cache.v))
   return {"model": name, "weights": weights, "cache": cache or str(m.dtype), "batch": batch,
+          "weight_layout": "auto" if auto_layout else "row-major",
           "context": context, "bytes_accessed": float(cost["bytes accessed"]),
           "flops": float(cost.get("flops", 0.0)), "weight_bytes": weight_bytes,
           "cache_bytes": cache_bytes, "argument_bytes": mem.argument_size_in_bytes,
