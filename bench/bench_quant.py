@@ -191,13 +191,12 @@ def _abstract(build, weights, cache, sharding, auto_layout: bool):
   `auto_layout` the compiler chooses the weights' layouts (as a server storing them once in the
   layout the step wants), else they are row-major."""
   from flax import nnx
-  from jax.experimental.layout import Format, Layout
 
   from calm import quantize
 
   model = nnx.eval_shape(lambda: quantize.apply(build(), weights, cache))
   gd, st = nnx.split(model)
-  return gd, _placed(st, Format(Layout.AUTO, sharding) if auto_layout else sharding)
+  return gd, _placed(st, sharding)
 
 
 def _placed(tree, sharding):
@@ -213,7 +212,7 @@ def _nbytes(tree) -> int:
 
 
 def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
-                context: int | None = None, auto_layout: bool = True) -> dict:
+                context: int | None = None, auto_layout: bool = False) -> dict:
   """The engine's decode step of `configs/NAME.yaml` at `batch` rows with a cache of `context`
   tokens (default the training context), compiled for `device`: bytes accessed, weight / cache
   bytes, memory analysis."""
@@ -264,8 +263,14 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
 
     args = (st, _placed(state, rep))
     weight_bytes = _nbytes(st)
+  from jax.experimental.layout import Format, Layout
+
+  weight_format = Format(Layout.AUTO, rep) if auto_layout else rep
+  in_shardings = tuple(jax.tree.map(lambda _: weight_format, a) for a in args[:-1]) + (
+      jax.tree.map(lambda _: rep, args[-1]),)
   t = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=len(args) - 1).lower(*args).compile()
+  compiled = jax.jit(step, in_shardings=in_shardings, donate_argnums=len(args) - 1).lower(
+      *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
