@@ -118,10 +118,3 @@ def weight_bytes(model: nnx.Module) -> int:
   """Bytes of the model's parameters as stored (int8 values and their scales included)."""
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   return int(sum(x.size * x.dtype.itemsize for x in leaves))
-
-
-def precision_of(model: nnx.Module) -> str:
-  """"int8", "bf16" or "float32": how the model's matrices are stored."""
-  kinds = {type(p.get_value()).__name__ if isinstance(p.get_value(), Int8Weight)
-           else str(p.get_value().dtype) for *_, p in _matrices(model, ())}
-  return "int8" if "Int8Weight" in kinds else "bf16" if "bfloat16" in kinds else "float32"
