@@ -26,11 +26,13 @@ Python: `run = calm.open("runs/demo/calm")`, then `run.generate(...)`, `run.stre
 """
 
 
-def open(path, step=None, *, overrides=(), mesh=None):  # noqa: A001
-  """Opens a trained run (its directory or `config.yaml`) → `calm.run.Run`; see `calm.run.open`."""
+def open(path, step=None, *, overrides=(), mesh=None, weights="float32", cache=None):  # noqa: A001
+  """Opens a trained run (its directory or `config.yaml`) → `calm.run.Run`, its weights in
+  float32, bf16 or int8 and its KV cache in the compute dtype, float32 or bf16; see
+  `calm.run.open`."""
   from calm import run
 
-  return run.open(path, step, overrides=overrides, mesh=mesh)
+  return run.open(path, step, overrides=overrides, mesh=mesh, weights=weights, cache=cache)
 
 
 def __getattr__(name):  # `calm.Run`, `calm.Completion`, `calm.BrierReport` without eager imports

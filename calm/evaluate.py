@@ -145,7 +145,7 @@ def brierlm(r, docs: Sequence[np.ndarray], eval_cfg, *, source: str,
       "stage": r.config.stage, "data": source, "block_tokens": eval_cfg.block_tokens,
       "chunk_size": K, "positions": r.stage.brier_positions(K),
       "scored_positions": summary["positions"], "documents": summary["documents"],
-      "seed": eval_cfg.seed, "checkpoints": r.checkpoints,
+      "seed": eval_cfg.seed, "checkpoints": r.checkpoints, "precision": r.precision,
       "seconds": round(time.time() - t0, 2)}
   return summary
 
@@ -234,7 +234,7 @@ def reconstruction_report(r, source: str, eval_cfg) -> dict:
                          "block_tokens": eval_cfg.block_tokens, "chunk_size": K,
                          "tokens": int(n * eval_cfg.block_tokens), "seed": eval_cfg.seed,
                          "checkpoint": f"{loaded.run_dir} step {loaded.step}",
-                         "seconds": round(time.time() - t0, 2)}
+                         "precision": r.precision, "seconds": round(time.time() - t0, 2)}
   return summary
 
 

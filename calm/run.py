@@ -158,13 +158,16 @@ class Run:
 
   Attributes: `config` (the run's resolved config), `stage` (its `calm.stages` object),
   `tokenizer`, `step` (the checkpoint step loaded), `run_dir`, `checkpoint_dir`, `model`,
-  `autoencoder` (the loaded autoencoder checkpoint of a CALM run, else None).
+  `autoencoder` (the loaded autoencoder checkpoint of a CALM run, else None), `precision`
+  ({"weights": ..., "cache": ...}, see `calm.quantize`).
   """
 
   def __init__(self, config: Config, loaded: checkpoint.Loaded,
-               autoencoder: checkpoint.Loaded | None, tokenizer: Tokenizer):
+               autoencoder: checkpoint.Loaded | None, tokenizer: Tokenizer, *,
+               precision: dict[str, str | None] | None = None):
     self.config, self.loaded, self.autoencoder, self.tokenizer = (config, loaded, autoencoder,
                                                                   tokenizer)
+    self.precision = precision or {"weights": "float32", "cache": None}
     self.stage = stages.get_stage(config)
     self._engine = None
 
@@ -396,8 +399,14 @@ def _decode_jit(graphdef, state, z_BSL):
 
 
 def load(cfg: Config, *, step: int | None = None, mesh=None,
-         stages_allowed: Sequence[str] | None = None) -> Run:
-  """Loads the run `cfg.run_dir` (checkpoint step `step`, default the latest)."""
+         stages_allowed: Sequence[str] | None = None, weights: str = "float32",
+         cache: str | None = None) -> Run:
+  """Loads the run `cfg.run_dir` (checkpoint step `step`, default the latest), its weight
+  matrices (the autoencoder's included) stored in `weights` precision and its KV cache in
+  `cache` (None: the compute dtype); see `calm.quantize`."""
+  from calm import quantize
+
+  quantize.check(weights, cache)
   if stages_allowed is not None and cfg.stage not in stages_allowed:
     raise ConfigError(f"stage: this command needs a {' or '.join(stages_allowed)} run, got "
                       f"{cfg.stage}")
@@ -409,7 +418,19 @@ def load(cfg: Config, *, step: int | None = None, mesh=None,
     ae_dir = ae.run_dir
   tok = get_tokenizer(cfg, cfg.run_dir, ae_dir=ae_dir, train_if_missing=False)
   check_tokenizer(tok, loaded.metadata, f"the model in {cfg.run_dir}")
-  return Run(config=cfg, loaded=loaded, autoencoder=ae, tokenizer=tok)
+  if weights != "float32" or cache is not None:
+    loaded = _with_precision(loaded, weights, cache)
+    ae = _with_precision(ae, weights, None) if ae is not None else None
+  return Run(config=cfg, loaded=loaded, autoencoder=ae, tokenizer=tok,
+             precision={"weights": weights, "cache": cache})
+
+
+def _with_precision(loaded: checkpoint.Loaded, weights: str, cache: str | None
+                    ) -> checkpoint.Loaded:
+  from calm import quantize
+
+  graphdef, params = nnx.split(quantize.apply(loaded.model, weights, cache))
+  return dataclasses.replace(loaded, graphdef=graphdef, params=params)
 
 
 def check_tokenizer(tokenizer: Tokenizer, metadata: dict, what: str) -> None:
@@ -424,12 +445,19 @@ def check_tokenizer(tokenizer: Tokenizer, metadata: dict, what: str) -> None:
 
 
 def open(path: str | os.PathLike, step: int | None = None, *,
-         overrides: Sequence[str] = (), mesh=None) -> Run:  # noqa: A001 (calm.open)
+         overrides: Sequence[str] = (), mesh=None, weights: str = "float32",
+         cache: str | None = None) -> Run:  # noqa: A001 (calm.open)
   """Opens a trained run: its directory or its `config.yaml` (`overrides`: dotted key=value, as
-  on the command line; `step`: a checkpoint step, default the latest)."""
+  on the command line; `step`: a checkpoint step, default the latest). `weights`: "float32",
+  "bf16" or "int8" storage of the weight matrices; `cache`: "float32" or "bf16" KV cache (None:
+  the compute dtype); see `calm.quantize`."""
+  from calm import quantize
+
+  quantize.check(weights, cache)
   p = pathlib.Path(path)
   cfg_path = p / paths.CONFIG_FILE if p.is_dir() else p
   if not cfg_path.is_file():
     raise ConfigError(f"{path}: not a run directory (no {paths.CONFIG_FILE})"
                       if p.is_dir() else f"{path}: no such run directory or config file")
-  return load(paths.load_config(cfg_path, list(overrides)), step=step, mesh=mesh)
+  return load(paths.load_config(cfg_path, list(overrides)), step=step, mesh=mesh,
+              weights=weights, cache=cache)

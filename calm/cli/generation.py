@@ -50,6 +50,7 @@ def main(argv=None) -> int:
   ap.add_argument("--num-samples", type=int, default=None)
   ap.add_argument("--max-tokens", type=int, default=None)
   ap.add_argument("--seed", type=int, default=None)
+  add_precision_flags(ap)
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
   extra = [f"sampling.{k}={v}" for k, v in (
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
   if not stages.get_stage(cfg).generates:
     raise ConfigError(f"stage: sampling needs a calm or ar run, got {cfg.stage}")
   text = read_prompt(args.prompt, args.file)
-  r = run.load(cfg)
+  r = run.load(cfg, weights=args.weights, cache=args.cache)
   n = cfg.sampling.num_samples
   stats: dict = {}
   t0 = time.time()
@@ -89,6 +90,15 @@ def main(argv=None) -> int:
     print(capped_warning(stats["capped"], stats["chunks"], cfg.sampling.max_attempts),
           file=sys.stderr)
   return 0
+
+
+def add_precision_flags(ap: argparse.ArgumentParser) -> None:
+  """--weights and --cache (inference precision, `calm.quantize`)."""
+  ap.add_argument("--weights", choices=("float32", "bf16", "int8"), default="float32",
+                  help="weight matrices in float32 (as trained), bf16 or int8 (per-channel, "
+                       "needs the quant extra)")
+  ap.add_argument("--cache", choices=("float32", "bf16"), default=None,
+                  help="KV cache precision (default: the model's compute dtype)")
 
 
 def capped_warning(capped: int, chunks: int, max_attempts: int) -> str:

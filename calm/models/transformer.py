@@ -165,6 +165,7 @@ class Transformer(nnx.Module):
                scan: bool = False, attention: str = "auto", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = compute_dtype(dtype)
+    self.cache_dtype = self.dtype  # of `init_cache` (calm.quantize may lower it for inference)
     self.remat = remat  # model.remat, applied per layer in the cache-free (training) forward
     self.scan = scan  # model.scan_layers
     self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, attention=attention, rngs=rngs)
@@ -175,7 +176,7 @@ class Transformer(nnx.Module):
     """An empty cache for `batch` rows of up to `max_len` positions."""
     c = self.cfg
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    dt = compute_dtype(dtype) if dtype is not None else self.dtype
+    dt = compute_dtype(dtype) if dtype is not None else self.cache_dtype
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
 
   def _over_layers(self, fn, x_BTD: jax.Array, carry):
