@@ -48,6 +48,8 @@ class Served:
     if not m:
       raise RuntimeError(f"calm-serve did not start: {line}{self.proc.stderr.read()}")
     self.url, self.compile_s = m.group(1), float(m.group(2))
+    models = loadgen.request(self.url, None, method="GET", path="/v1/models").body
+    self.context = models["data"][0]["context"]
 
   def rss_mib(self) -> float:
     for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -63,9 +65,9 @@ class Served:
     return self.proc.wait(timeout=120)
 
 
-def stream_body(i: int, max_tokens: int, prompt: str | None = None) -> dict:
-  return {"prompt": prompt or PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i,
-          "stream": True, "stream_options": {"include_usage": True}}
+def stream_body(i: int, max_tokens: int, ignore_eos: bool = False) -> dict:
+  return {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i,
+          "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
 
 
 def throughput(s: Served, clients: int, max_tokens: int) -> dict:
@@ -106,13 +108,15 @@ def head_of_line(s: Served, long_tokens: int, repeats: int = 5) -> dict:
   busy = []
   for k in range(repeats):
     load = threading.Thread(target=loadgen.run_load, args=(
-        s.url, lambda i, rng: {"body": stream_body(100 * k + i, long_tokens)}),
+        s.url, lambda i, rng: {"body": stream_body(100 * k + i, long_tokens, True)}),
         kwargs=dict(clients=15, requests=15))
     load.start()
     deadline = time.monotonic() + 60
     while s.health().get("busy", 0) < 15 and time.monotonic() < deadline:
       time.sleep(0.01)
     time.sleep(0.2)
+    if s.health().get("busy", 0) < 15:
+      raise RuntimeError("the 15 long requests did not all start")
     busy.append(one(k))
     load.join()
   loaded = statistics.median(busy)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
              "served_tokens_per_s": srv["tokens_per_s"],
              "served_vs_offline": srv["tokens_per_s"] / off_best,
              "served_ttft_p50_s": srv["ttft_p50_s"], "served_incomplete": srv["valid_incomplete"]}
-      hol = head_of_line(s, long_tokens=4 * args.max_tokens)
+      hol = head_of_line(s, long_tokens=s.context - 16)
       row.update({f"hol_{k}": v for k, v in hol.items()})
       if args.soak > 0 and name == "calm":
         bad = loadgen.bad_requests(model=pathlib.Path(run_dir).name, context=10**4,

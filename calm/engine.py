@@ -430,10 +430,17 @@ class CalmEngine(Engine):
     self.calm_def, self.calm_state = nnx.split(calm)
     self.ae_def, self.ae_state = nnx.split(ae)
 
-  def _prompt(self, prompts):
+  def _prompt(self, prompts, positions: int = 0):
+    """Prompts as chunks [B, S, K] (right-padded to `positions` chunks) and chunks per row."""
     K = self.tokens_per_step
     ids, lens = ragged(prompts, self.pad_id, K)
-    return jnp.asarray(ids.reshape(len(prompts), -1, K)), jnp.asarray(lens // K)
+    ids = ids.reshape(len(prompts), -1, K)
+    if positions:
+      if not ids.shape[1] <= positions:
+        raise CalmError(f"prompt of {ids.shape[1]} chunks does not fit {positions} positions")
+      ids = np.pad(ids, ((0, 0), (0, positions - ids.shape[1]), (0, 0)),
+                   constant_values=self.pad_id)
+    return jnp.asarray(ids), jnp.asarray(lens // K)
 
   def generate(self, prompts, keys_B, *, max_new_tokens, sampler=ChunkSampler(),
                on_tokens=None) -> Generated:
@@ -460,12 +467,9 @@ class CalmEngine(Engine):
                              capacity=capacity)
 
   def prefill_row_batch(self, prompts, keys_B, *, capacity, positions):
-    prompt_BSK, chunks_B = self._prompt(prompts)
-    pad = positions - prompt_BSK.shape[1]
-    if pad < 0 or positions > capacity:
-      raise CalmError(f"prompt of {prompt_BSK.shape[1]} chunks does not fit {positions} "
-                      f"positions (capacity {capacity})")
-    prompt_BSK = jnp.pad(prompt_BSK, ((0, 0), (0, pad), (0, 0)), constant_values=self.pad_id)
+    if positions > capacity:
+      raise CalmError(f"{positions} prompt positions exceed the capacity of {capacity}")
+    prompt_BSK, chunks_B = self._prompt(prompts, positions)
     return _calm_prefill_jit(self.calm_def, self.calm_state, prompt_BSK, chunks_B, keys_B,
                              capacity=capacity)
 

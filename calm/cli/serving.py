@@ -45,6 +45,9 @@ def main(argv=None) -> int:
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--buckets", default="", help="prefill lengths in cache positions, e.g. "
                   "16,64 (default: powers of two up to the context)")
+  from calm.cli.generation import add_precision_flags
+
+  add_precision_flags(ap)
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
   if not 0 <= args.port <= 65535:
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
   cfg = paths.load_config(cfg_path, list(args.overrides))
   if not stages.get_stage(cfg).generates:  # before any weights load
     raise CalmError(f"stage: calm-serve needs a calm or ar run, got {cfg.stage}")
-  run = calm.open(cfg_path, args.step, overrides=args.overrides)
+  run = calm.open(cfg_path, args.step, overrides=args.overrides, weights=args.weights,
+                  cache=args.cache)
   state, app, compile_s = server_lib.prepare(run, options)
   server = server_lib.uvicorn_server(app, state, options.grace)
   state.scheduler.start()

@@ -86,7 +86,8 @@ def _choices(state: ServerState, req: protocol.CompletionRequest, emit_for) -> l
                      code="context_length_exceeded")
     for j in range(req.n):
       i = p * req.n + j
-      out.append(Choice(ids, base + i, settings, req.max_tokens, req.stop, emit_for(i)))
+      out.append(Choice(ids, base + i, settings, req.max_tokens, req.stop, emit_for(i),
+                        req.ignore_eos))
   return out
 
 

@@ -54,6 +54,7 @@ class CompletionRequest:
   stream: bool
   include_usage: bool
   sampler: str
+  ignore_eos: bool = False
 
 
 # fields OpenAI defines that this server accepts only at their neutral value
@@ -61,7 +62,7 @@ _NEUTRAL = {"echo": (False,), "logprobs": (None, 0), "best_of": (None, 1),
             "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
             "logit_bias": (None, {}), "suffix": (None, ""), "user": None}
 _FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
-           "stream", "stream_options", "sampler", *_NEUTRAL}
+           "stream", "stream_options", "sampler", "ignore_eos", *_NEUTRAL}
 
 
 def _number(body: dict, key: str, default: float) -> float:
@@ -192,7 +193,7 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     raise ApiError(400, f"sampler must be one of {', '.join(limits.samplers)}, got "
                         f"{json.dumps(sampler)[:40]}", "sampler")
   return CompletionRequest(tuple(prompts), max_tokens, temperature, top_p, n, tuple(stops), seed,
-                           stream, include_usage, sampler)
+                           stream, include_usage, sampler, _boolean(body, "ignore_eos"))
 
 
 def completion_id() -> str:

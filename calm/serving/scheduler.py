@@ -39,6 +39,7 @@ class Choice:
   max_tokens: int
   stops: tuple[str, ...]
   emit: Emit
+  ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
   arrived: float = dataclasses.field(default_factory=time.monotonic)
   ids: list[int] = dataclasses.field(default_factory=list)
   generated: int = 0  # tokens consumed (EOS included)
@@ -54,7 +55,7 @@ class Choice:
       if self.generated >= self.max_tokens:
         break
       self.generated += 1
-      if t == tokenizer.eos_id:
+      if t == tokenizer.eos_id and not self.ignore_eos:
         self.finish = "stop"
         break
       self.ids.append(t)
