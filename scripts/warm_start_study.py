@@ -38,9 +38,12 @@ ARMS: dict[str, tuple[float, bool]] = {
     "warm50": (0.5, True),
     "warm25": (0.25, True),
     "ar": (1.0, False),
+    # CALM at the whole budget from an AR run that already exists (--owned-ar; its training
+    # FLOPs are not counted: the case of a user who already owns a trained Transformer)
+    "owned": (0.0, True),
 }
 LABELS = {"scratch": "CALM from scratch", "warm50": "AR ½ → CALM ½", "warm25": "AR ¼ → CALM ¾",
-          "ar": "AR alone"}
+          "ar": "AR alone", "owned": "owned AR → CALM (AR not counted)"}
 
 
 def _run(cmd: list[str]) -> None:
@@ -115,12 +118,15 @@ def brier(run_dir: pathlib.Path, eval_docs: int) -> dict:
 
 
 def run_arm(arm: str, scale: float, budget: float, ae: pathlib.Path, out: pathlib.Path,
-            eval_docs: int, eval_batches: int) -> dict:
+            eval_docs: int, eval_batches: int, owned: pathlib.Path | None = None) -> dict:
   share, has_calm = ARMS[arm]
   root = out / f"x{scale:g}" / arm
   tok = f"data.tokenizer={ae / 'tokenizer.json'}"
   res: dict = {"arm": arm, "scale": scale, "budget_flop": budget, "ar_share": share}
   warm: list[str] = []
+  if arm == "owned":
+    warm = [f"train.init_backbone={owned}"]
+    res["owned_ar"] = f"{owned} step {checkpoint.read_metadata(owned)[0]}"
   if share > 0:
     ar_cfg = config.load(ROOT / BASE, ["stage=ar"])
     steps, per_step = _steps(share * budget, ar_cfg)
@@ -180,7 +186,7 @@ def table(rows: list[dict]) -> str:
       score = f"{r['norm_score']:+.3f} ± {r['norm_score_se']:.3f}"
       base = scratch.get(r["scale"])
       eff = paired_effect(r, base) if base is not None and base is not r else None
-      delta = f"{eff[0]:+.3f} ± {eff[1]:.3f}" if eff else "-"
+      delta = f"{eff[0]:+.4f} ± {eff[1]:.4f}" if eff else "-"
       loss = (f"{np.mean(e['loss_batches']):.3f} ({e['baseline_loss']:.3f} / "
               f"{e['oracle_loss']:.3f})")
       briers = ", ".join(f"{v:.3f}±{s:.3f}" for v, s in zip(b["brier"], b["brier_se"]))
@@ -229,14 +235,21 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="runs/warm_study")
   ap.add_argument("--ae", default="runs/demo/ae", help="autoencoder run (trained if missing)")
   ap.add_argument("--scales", default="1,4", help="budgets as multiples of the base budget")
-  ap.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
+  ap.add_argument("--arms", default=",".join(a for a in ARMS if a != "owned"),
+                  help=f"of {', '.join(ARMS)}")
   ap.add_argument("--base-steps", type=int, default=150,
                   help="steps of the demo's CALM that make the base budget")
   ap.add_argument("--eval-docs", type=int, default=400, help="held-out paragraphs for BrierLM")
   ap.add_argument("--eval-batches", type=int, default=32,
                   help="held-out batches for the energy loss and normalised score")
+  ap.add_argument("--owned-ar", default="",
+                  help="an existing AR run on the same tokenizer: adds the arm `owned`")
+  ap.add_argument("--table-only", action="store_true",
+                  help="only rebuild the table and curves from the arms already finished")
   args = ap.parse_args(argv)
-  arms = [a for a in args.arms.split(",") if a]
+  arms = [a for a in args.arms.split(",") if a and (a != "owned" or args.owned_ar)]
+  if args.owned_ar and "owned" not in arms:
+    arms.append("owned")
   unknown = set(arms) - set(ARMS)
   if unknown:
     print(f"error: unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}", file=sys.stderr)
@@ -248,19 +261,28 @@ def main(argv=None) -> int:
     _run(["train.py", "--config", BASE, "stage=autoencoder", f"run_dir={ae}", *AE_RECIPE])
   calm_cfg = config.load(ROOT / BASE, ["stage=calm"])
   base = _steps(0, calm_cfg)[1] * args.base_steps
+  if args.table_only:
+    report(out, base, ae)
+    return 0
   for scale in scales:  # every arm at one budget before the next budget
     for arm in arms:
-      res = run_arm(arm, scale, scale * base, ae, out, args.eval_docs, args.eval_batches)
+      res = run_arm(arm, scale, scale * base, ae, out, args.eval_docs, args.eval_batches,
+                    pathlib.Path(args.owned_ar).resolve() if args.owned_ar else None)
       (out / f"x{scale:g}" / arm / "result.json").write_text(json.dumps(res, indent=2))
-      rows = [json.loads(p.read_text()) for p in sorted(out.glob("x*/*/result.json"))]
-      rows.sort(key=lambda r: (r["scale"], list(ARMS).index(r["arm"])))
-      (out / "study.json").write_text(json.dumps({"base_budget_flop": base, "autoencoder":
-                                                  str(ae), "runs": rows}, indent=2))
-      text = table(rows)
-      (out / "study.md").write_text(f"base budget {base / 1e12:.2f} TFLOP per arm\n\n{text}\n")
-      curves(rows, out, out / "curves.png")
-      print(text, flush=True)
+      report(out, base, ae)
   return 0
+
+
+def report(out: pathlib.Path, base: float, ae: pathlib.Path) -> None:
+  """OUT/study.json, study.md and curves.png from every finished arm under OUT."""
+  rows = [json.loads(p.read_text()) for p in sorted(out.glob("x*/*/result.json"))]
+  rows.sort(key=lambda r: (r["scale"], list(ARMS).index(r["arm"])))
+  (out / "study.json").write_text(json.dumps({"base_budget_flop": base, "autoencoder": str(ae),
+                                              "runs": rows}, indent=2))
+  text = table(rows)
+  (out / "study.md").write_text(f"base budget {base / 1e12:.2f} TFLOP per arm\n\n{text}\n")
+  curves(rows, out, out / "curves.png")
+  print(text, flush=True)
 
 
 if __name__ == "__main__":
