@@ -128,6 +128,9 @@ class TrainConfig:
   on_nan: Literal["stop", "skip"] = "stop"
   peak_flops: float = 0.0  # per device; 0 = measure
   autoencoder: str = ""  # calm stage: run directory of the trained autoencoder
+  # calm stage: an AR run (or `calm-convert --llama` output) whose token embedding and decoder
+  # (layers + final norm) start a new run; the input compression and the head start fresh
+  init_backbone: str = ""
 
   @property
   def micro_batch(self) -> int:
@@ -436,6 +439,8 @@ def validate(cfg: Config) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(t.log_every >= 1, "train.log_every", "must be >= 1")
   _require(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+  _require(not t.init_backbone or cfg.stage == "calm", "train.init_backbone",
+           f"only the calm stage starts from a pretrained backbone, not stage={cfg.stage}")
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   s = cfg.sampling

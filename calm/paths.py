@@ -25,7 +25,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # = calm.checkpoint.SUBDIR
 # Config fields holding local paths. A `tfds:NAME` source is not a path; `prepared:DIR` is a path
 # behind a prefix.
-PATH_FIELDS = ("train.autoencoder", "data.tokenizer", "data.train", "data.eval", "eval.data",
+PATH_FIELDS = ("train.autoencoder", "train.init_backbone", "data.tokenizer", "data.train", "data.eval", "eval.data",
                "data.tfds_data_dir")
 _NOT_PATHS = ("tfds:",)
 _PREFIXES = ("prepared:",)

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
-                  sharding, stages)
+                  sharding, stages, warm_start)
 from calm.config import Config
 from calm.models import attention
 from calm.errors import CalmError, ConfigError
@@ -120,6 +120,7 @@ class Setup:
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any
   eval_step: Any
+  init_backbone: dict | None = None  # the warm start's source (`calm.warm_start`), if one ran
 
   def abstract_batch(self) -> jax.ShapeDtypeStruct:
     """The global [batch, block_tokens] int32 batch, abstract."""
@@ -144,13 +145,14 @@ def _abstract_opt_state(tx, params, mesh):
 
 
 def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool = False,
-          autoencoder: tuple[Any, Any] | None = None) -> Setup:
+          autoencoder: tuple[Any, Any] | None = None, fresh: bool = True) -> Setup:
   """Builds the stage's model and optimizer state directly in their shardings, and jits the steps.
 
   `abstract=True` builds shapes only (ShapeDtypeStructs carrying shardings): nothing is
   allocated, and no trained autoencoder is needed (`Setup.lower().compile()` then analyses the
   step). `autoencoder=(graphdef, params)` supplies the calm stage's frozen autoencoder instead of
-  loading `train.autoencoder`.
+  loading `train.autoencoder`. A `fresh` run (not one about to resume from its own checkpoint)
+  with `train.init_backbone` gets that run's backbone copied in (`calm.warm_start`).
   """
   stage = stages.get_stage(cfg)
   stage.validate(cfg.model)
@@ -181,6 +183,9 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
     else:
       loaded = run.frozen_autoencoder(cfg, mesh)
       ae_graphdef, ae_params, ae_dir = loaded.graphdef, loaded.params, loaded.run_dir
+  source = None
+  if cfg.train.init_backbone and fresh and not abstract:
+    params, source = warm_start.apply(cfg, params, mesh, ae_dir or cfg.train.autoencoder or None)
 
   shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   param_sh, opt_sh = shardings_of(params), shardings_of(opt_state)
@@ -193,8 +198,8 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
                       out_shardings=repl)
   return Setup(cfg=cfg, mesh=mesh, stage=stage, tx=tx, graphdef=graphdef, params=params,
                opt_state=opt_state, ae_params=ae_params, ae_graphdef=ae_graphdef, ae_dir=ae_dir,
-               batch_sharding=batch_sh,
-               train_step=train_step, eval_step=eval_step)
+               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step,
+               init_backbone=source)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -308,10 +313,11 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
     print(info, flush=True)
   run_dir = pathlib.Path(cfg.run_dir)
   _check_run_dir(run_dir)
-  checkpoint.check_resumable(run_dir, cfg)
+  resume = checkpoint.check_resumable(run_dir, cfg)
   created = not run_dir.exists()
   try:
-    return _train(cfg, run_dir, info, max_steps=max_steps, progress=progress)
+    return _train(cfg, run_dir, info, max_steps=max_steps, progress=progress,
+                  fresh=resume is None)
   except CalmError:
     if created and jax.process_index() == 0 and not checkpoint.has_checkpoint(run_dir):
       shutil.rmtree(run_dir, ignore_errors=True)
@@ -319,9 +325,9 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
 
 
 def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
-           progress: bool) -> TrainResult:
+           progress: bool, fresh: bool) -> TrainResult:
   main = jax.process_index() == 0
-  s = setup(cfg)
+  s = setup(cfg, fresh=fresh)
   _make_run_dir(run_dir)
   tokenizer = run.get_tokenizer(cfg, run_dir, ae_dir=s.ae_dir)
   if s.ae_dir is not None:
@@ -337,6 +343,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
           "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
           "tokenizer_vocab_size": tokenizer.vocab_size,
           "tokenizer_fingerprint": tokenizer.fingerprint}
+  # a resumed run keeps the record of the backbone it started from (the source is not read again)
+  source = s.init_backbone if fresh else checkpoint.read_metadata(run_dir)[1].get("init_backbone")
+  if source:
+    meta["init_backbone"] = source
   ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
   params, opt_state, start = s.params, s.opt_state, 0
   latest = ckpt.latest_step()
@@ -352,6 +362,10 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
       print(f"resumed {cfg.stage} from step {start} in {run_dir}")
   if main:
     paths.save_config(cfg)  # only now: the run is accepted
+    if s.init_backbone:
+      src = s.init_backbone
+      print(f"warm start: {' + '.join(src['parts'])} ({src['parameters'] / 1e6:.2f}M params) "
+            f"from {src['path']} step {src['step']}; the rest starts fresh")
   ckpt.install_preemption_handler()
   end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
 

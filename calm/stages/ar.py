@@ -15,6 +15,7 @@ BACKBONE_KEYS = ("model.backbone.hidden_dim", "model.backbone.num_layers",
 class ARStage(Stage):
   name = "ar"
   generates = True
+  backbone_parts = ("embed", "backbone")
   arch_keys = ("model.vocab_size", "model.tie_ar_embeddings") + BACKBONE_KEYS
 
   def build(self, model_cfg, rngs):

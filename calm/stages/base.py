@@ -22,6 +22,9 @@ class Stage:
   needs_autoencoder: ClassVar[bool] = False  # trains on and decodes with a frozen autoencoder
   generates: ClassVar[bool] = False  # writes text: sampling, BrierLM, serving
   arch_keys: ClassVar[tuple[str, ...]]  # config keys that fix the parameter shapes
+  # top-level parameter groups a Llama-style model shares with another stage's: the token
+  # embedding table and the decoder (layers + final norm); what a warm start copies
+  backbone_parts: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, cfg: Config | None = None):
     self.cfg = cfg

@@ -27,6 +27,7 @@ class CalmStage(Stage):
   name = "calm"
   needs_autoencoder = True
   generates = True
+  backbone_parts = ("embed", "backbone")
   arch_keys = AE_KEYS + BACKBONE_KEYS + ("model.head.kind", "model.head.noise_dim",
                                          "model.head.num_blocks")
 
