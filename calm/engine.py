@@ -290,31 +290,56 @@ def _insert(st: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
+def _insert_rows(st: DecodeState, rows: DecodeState, slots_R: jax.Array) -> DecodeState:
+  """Row r of `rows` into slot slots_R[r]; an index past the last slot drops its row."""
+  put = lambda a, r, axis=0: (a.at[:, slots_R] if axis else a.at[slots_R]).set(r, mode="drop")
+  cache = KVCache(put(st.cache.k, rows.cache.k, 1), put(st.cache.v, rows.cache.v, 1),
+                  put(st.cache.length, rows.cache.length))
+  R = slots_R.shape[0]
+  return DecodeState(cache, put(st.carry_BX, rows.carry_BX), put(st.keys_B, rows.keys_B),
+                     put(st.step_B, jnp.zeros((R,), jnp.int32)),
+                     put(st.done_B, jnp.zeros((R,), bool)))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _retire(st: DecodeState) -> DecodeState:
   return dataclasses.replace(st, done_B=jnp.ones_like(st.done_B))
 
 
+def _slot_steps(advance, st: DecodeState, live_B: jax.Array, steps: int
+                ) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """`steps` decode steps of every slot in one program (`advance(st) → (st, tokens_BX,
+  draws_B)`) → (state, tokens [B, steps·X] in order, draws summed)."""
+
+  def body(st, _):
+    new, toks_BX, draws_B = advance(dataclasses.replace(st, done_B=~live_B))
+    return _settle(st, new, live_B), (toks_BX, draws_B)
+
+  st, (toks_SBX, draws_SB) = jax.lax.scan(body, st, None, length=steps)
+  B = toks_SBX.shape[1]
+  return st, jnp.moveaxis(toks_SBX, 0, 1).reshape(B, -1), draws_SB.sum(axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=_CALM_STATIC[:2] + (
-    "num_candidates", "max_attempts", "draws_per_step", "eos_id", "pad_id"), donate_argnames="st")
+    "num_candidates", "max_attempts", "draws_per_step", "eos_id", "pad_id", "steps"),
+                   donate_argnames="st")
 def _calm_slots_step_jit(calm_def, calm_state, ae_def, ae_state, st, rows, *, num_candidates,
-                         max_attempts, draws_per_step, eos_id, pad_id):
+                         max_attempts, draws_per_step, eos_id, pad_id, steps):
   calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
-  st = dataclasses.replace(st, done_B=~rows.live_B)
   choose = lambda h_BD, keys_B: sampling.next_chunk_rows(
       calm, ae, h_BD, keys_B, rows, num_candidates=num_candidates, max_attempts=max_attempts,
       draws_per_step=draws_per_step)
-  new, chunk_BK, draws_B = _calm_advance(calm, st, choose, eos_id, pad_id)
-  return _settle(st, new, rows.live_B), chunk_BK, draws_B
+  advance = lambda st: _calm_advance(calm, st, choose, eos_id, pad_id)
+  return _slot_steps(advance, st, rows.live_B, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "top_k", "eos_id", "pad_id"),
+@functools.partial(jax.jit, static_argnames=("model_def", "top_k", "eos_id", "pad_id", "steps"),
                    donate_argnames="st")
-def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id):
+def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id, steps):
   model = nnx.merge(model_def, state)
-  st = dataclasses.replace(st, done_B=~rows.live_B)
   choose = lambda logits_BV, keys_B: sampling.next_token_rows(logits_BV, keys_B, rows, top_k)
-  new, tok_B1, drew_B = _ar_advance(model, st, choose, eos_id, pad_id)
-  return _settle(st, new, rows.live_B), tok_B1, drew_B
+  advance = lambda st: _ar_advance(model, st, choose, eos_id, pad_id)
+  return _slot_steps(advance, st, rows.live_B, steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +416,12 @@ class Engine:
     donated."""
     return _insert(state, row, jnp.int32(slot))
 
+  def insert_rows(self, state: DecodeState, rows: DecodeState, slots: Sequence[int]
+                  ) -> DecodeState:
+    """`state` with row r of `rows` (a prefilled batch) in slot `slots[r]` (step 0, not done);
+    a slot number past the last slot drops that row (padding). `state` is donated."""
+    return _insert_rows(state, rows, jnp.asarray(slots, jnp.int32))
+
   def slot_rows(self, settings: Sequence[RowSettings | None]):
     """Per-slot sampler arrays for `step_slots` (None: an empty slot)."""
     raise NotImplementedError
@@ -405,11 +436,12 @@ class Engine:
     if settings.sampler not in ("exact", "batch"):
       raise CalmError(f"sampler must be exact or batch, got {settings.sampler!r}")
 
-  def step_slots(self, state: DecodeState, rows, sampler: Any
+  def step_slots(self, state: DecodeState, rows, sampler: Any, steps: int = 1
                  ) -> tuple[DecodeState, jax.Array, jax.Array]:
-    """One decode step of every slot at its own settings (`rows` from `slot_rows`; `sampler`
-    gives what is fixed for all slots) → (state, tokens [slots, tokens_per_step], draws);
-    `state` is donated. A slot's tokens depend on its own prompt, key and settings only."""
+    """`steps` decode steps of every slot at its own settings, in one program (`rows` from
+    `slot_rows`; `sampler` gives what is fixed for all slots) → (state, tokens [slots,
+    steps·tokens_per_step], draws); `state` is donated. A slot's tokens depend on its own
+    prompt, key and settings only (not on `steps`)."""
     raise NotImplementedError
 
   def _check(self, prompts, keys_B, max_new_tokens: int) -> None:
@@ -483,12 +515,12 @@ class CalmEngine(Engine):
       raise CalmError("top_p: CALM draws whole chunks from a continuous head and has no token "
                       "distribution to truncate; leave top_p at 1 (use temperature)")
 
-  def step_slots(self, state, rows, sampler=ChunkSampler()):
+  def step_slots(self, state, rows, sampler=ChunkSampler(), steps=1):
     return _calm_slots_step_jit(
         self.calm_def, self.calm_state, self.ae_def, self.ae_state, state, rows,
         num_candidates=sampler.num_candidates, max_attempts=sampler.max_attempts,
         draws_per_step=sampler.draws_per_step or SLOT_DRAWS_PER_STEP, eos_id=self.eos_id,
-        pad_id=self.pad_id)
+        pad_id=self.pad_id, steps=steps)
 
   def decode_step(self, state, sampler=ChunkSampler()):
     return _calm_step_jit(self.calm_def, self.calm_state, self.ae_def, self.ae_state, state,
@@ -539,9 +571,9 @@ class AREngine(Engine):
     return sampling.TokenRows.build([None if s is None else (s.temperature, s.top_p)
                                      for s in settings])
 
-  def step_slots(self, state, rows, sampler=TokenSampler()):
+  def step_slots(self, state, rows, sampler=TokenSampler(), steps=1):
     return _ar_slots_step_jit(self.model_def, self.state, state, rows, top_k=int(sampler.top_k),
-                              eos_id=self.eos_id, pad_id=self.pad_id)
+                              eos_id=self.eos_id, pad_id=self.pad_id, steps=steps)
 
   def decode_step(self, state, sampler=TokenSampler()):
     traced, static = self._args(sampler)

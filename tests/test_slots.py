@@ -13,7 +13,7 @@ PROMPTS = ["The old man", "It was", "A", "She said that the King of the land had
            "Once upon a time there", "Why?"]
 
 
-def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1):
+def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1, steps=1):
   """Decodes `jobs` [(prompt, seed, RowSettings)] through `num_slots` slots, admitting job j
   no earlier than step j·stagger into the first free slot → new tokens per job."""
   eng, tok = r.engine, r.tokenizer
@@ -32,7 +32,7 @@ def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1)
         state = eng.insert(state, row, s)
         owner[s] = j
     rows = eng.slot_rows([None if o is None else jobs[o][2] for o in owner])
-    state, toks, _ = eng.step_slots(state, rows, sampler)
+    state, toks, _ = eng.step_slots(state, rows, sampler, steps)
     toks = np.asarray(toks)
     for s, j in enumerate(owner):
       if j is None:
@@ -91,12 +91,13 @@ def test_slots_give_each_request_its_own_text(slotted, stage):
 
 
 @pytest.mark.parametrize("stage", ["calm", "ar"])
-def test_slot_count_and_position_do_not_change_a_request(slotted, stage):
+def test_slot_count_position_and_steps_per_call_do_not_change_a_request(slotted, stage):
   r = slotted[stage]
   jobs = [(p, 7, RowSettings(0.6)) for p in PROMPTS[:4]]
   a = run_slots(r, jobs, num_slots=4, max_new=8, stagger=0)
   b = run_slots(r, jobs[::-1], num_slots=2, max_new=8, stagger=2)[::-1]
-  assert a == b
+  c = run_slots(r, jobs, num_slots=3, max_new=8, steps=3)  # 3 steps per call
+  assert a == b == c
 
 
 def test_greedy_ar_is_the_most_likely_token(slotted):

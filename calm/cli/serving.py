@@ -42,6 +42,9 @@ def main(argv=None) -> int:
   ap.add_argument("--grace", type=float, default=30.0,
                   help="seconds SIGTERM waits for running requests")
   ap.add_argument("--model-name", default=None, help="the model id (default: the run's name)")
+  ap.add_argument("--steps-per-call", type=_positive, default=4,
+                  help="decode steps per compiled call: fewer host round trips, admission "
+                       "and cancellation every that many steps")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--buckets", default="", help="prefill lengths in cache positions, e.g. "
                   "16,64 (default: powers of two up to the context)")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
       slots=args.slots, max_queue=args.max_queue, max_n=args.max_n,
       api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
       max_body_bytes=args.max_body_bytes, grace=args.grace, model_name=args.model_name,
-      buckets=buckets)
+      buckets=buckets, steps_per_call=args.steps_per_call)
   from calm import paths, stages
 
   where = pathlib.Path(args.config)

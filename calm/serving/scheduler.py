@@ -1,10 +1,11 @@
 """Continuous batching: a fixed set of decode slots on the generation engine, compiled once.
 
-One thread owns the device. Between decode steps it prefills waiting choices (each alone, its
-prompt padded to a length bucket) into free slots; every step decodes all slots, each at its
-own temperature / sampler / seed; a choice that ends (EOS, max_tokens, a stop string) or is
-cancelled frees its slot at once. Step n+1 is dispatched before step n's tokens are read back,
-so the host's text work overlaps the device's next step.
+One thread owns the device. Between decode calls it prefills waiting choices (each alone, its
+prompt padded to a length bucket) into free slots; every call runs `steps_per_call` decode
+steps of all slots in one program, each slot at its own temperature / sampler / seed; a choice
+that ends (EOS, max_tokens, a stop string) or is cancelled frees its slot after that call. Call
+n+1 is dispatched before call n's tokens are read back, so the host's text work overlaps the
+device's next call.
 """
 
 from __future__ import annotations
@@ -97,14 +98,17 @@ class Scheduler:
   """Decode slots over one run's engine. `submit` choices from any thread; their `emit`
   callbacks run on the decode thread."""
 
-  def __init__(self, run, *, slots: int, max_queue: int, buckets: tuple[int, ...] = ()):
+  def __init__(self, run, *, slots: int, max_queue: int, buckets: tuple[int, ...] = (),
+               steps_per_call: int = 4):
     self.run, self.engine, self.tokenizer = run, run.engine, run.tokenizer
     self.sampler = run.stage.sampler(run.config.sampling)  # the fixed part of every slot
     self.context = run.config.data.block_tokens
     self.capacity = self.engine.positions(self.context) + 1  # + a CALM prompt's left padding
     self.buckets = tuple(sorted({min(b, self.capacity) for b in buckets} | {self.capacity})) \
         if buckets else _buckets(self.capacity)
-    self.num_slots, self.max_queue = slots, max_queue
+    # prefill batch sizes: the choices admitted together are prefilled in one call
+    self.batches = tuple(sorted({min(4**i, slots) for i in range(8) if 4**i < slots} | {slots}))
+    self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
     self.metrics = Metrics()
     self.owner: list[Choice | None] = [None] * slots
     self.queue: collections.deque[Choice] = collections.deque()
@@ -120,13 +124,15 @@ class Scheduler:
   def warm_up(self) -> float:
     """Compiles every prefill bucket, the insert and the step before serving → seconds."""
     t0 = time.perf_counter()
-    key = engine_lib.row_keys([0])[0]
-    for b in self.buckets:
-      row = self.engine.prefill_row([self.tokenizer.eos_id], key, capacity=self.capacity,
-                                    positions=b)
-      self.state = self.engine.insert(self.state, row, 0)
+    for n in self.batches:
+      for b in self.buckets:
+        rows = self.engine.prefill_row_batch(
+            [[self.tokenizer.eos_id]] * n, engine_lib.row_keys(list(range(n))),
+            capacity=self.capacity, positions=b)
+        self.state = self.engine.insert_rows(self.state, rows, list(range(n)))
     rows = self.engine.slot_rows([RowSettings()] + [None] * (self.num_slots - 1))
-    self.state, toks, _ = self.engine.step_slots(self.state, rows, self.sampler)
+    self.state, toks, _ = self.engine.step_slots(self.state, rows, self.sampler,
+                                                 self.steps_per_call)
     np.asarray(toks)
     self.state = self.engine.slots(self.num_slots, self.capacity)
     return time.perf_counter() - t0
@@ -191,8 +197,8 @@ class Scheduler:
             admit.append((free.pop(0), c))
             self.owner[admit[-1][0]] = c
       try:
-        for slot, c in admit:
-          self._prefill(slot, c)
+        if admit:
+          self._prefill(admit)
         step = self._step() if self.busy else None
         if pending is not None:
           self._deliver(*pending)
@@ -202,19 +208,27 @@ class Scheduler:
         self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         pending = None
 
-  def _prefill(self, slot: int, c: Choice) -> None:
-    key = engine_lib.row_keys([c.seed])[0]
-    row = self.engine.prefill_row(c.prompt_ids, key, capacity=self.capacity,
-                                  positions=self.bucket(len(c.prompt_ids)))
-    self.state = self.engine.insert(self.state, row, slot)
-    self.metrics.prompt(len(c.prompt_ids))
+  def _prefill(self, admit: list[tuple[int, Choice]]) -> None:
+    """Prefills the admitted choices in one call (padded to a batch size and a length bucket)
+    and writes them into their slots."""
+    n = next(b for b in self.batches if b >= len(admit))
+    pad = n - len(admit)
+    prompts = [c.prompt_ids for _, c in admit] + [[self.tokenizer.eos_id]] * pad
+    keys = engine_lib.row_keys([c.seed for _, c in admit] + [0] * pad)
+    positions = self.bucket(max(len(c.prompt_ids) for _, c in admit))
+    rows = self.engine.prefill_row_batch(prompts, keys, capacity=self.capacity,
+                                         positions=positions)
+    slots = [s for s, _ in admit] + [self.num_slots] * pad  # past the end: dropped
+    self.state = self.engine.insert_rows(self.state, rows, slots)
+    self.metrics.prompt(sum(len(c.prompt_ids) for _, c in admit))
 
   def _step(self):
     owners = tuple(self.owner)
     if tuple(map(id, owners)) != self._rows_for:
       self._rows = self.engine.slot_rows([None if o is None else o.settings for o in owners])
       self._rows_for = tuple(map(id, owners))
-    self.state, toks, _ = self.engine.step_slots(self.state, self._rows, self.sampler)
+    self.state, toks, _ = self.engine.step_slots(self.state, self._rows, self.sampler,
+                                                 self.steps_per_call)
     return toks, owners
 
   def _deliver(self, toks, owners) -> None:

@@ -26,6 +26,7 @@ class Options:
   grace: float = 30.0
   model_name: str | None = None
   buckets: tuple[int, ...] = ()  # prefill lengths in cache positions; () = powers of two
+  steps_per_call: int = 4  # decode steps per compiled call (fewer host round trips)
 
 
 def prepare(run, options: Options) -> tuple[app_lib.ServerState, object, float]:
@@ -37,7 +38,7 @@ def prepare(run, options: Options) -> tuple[app_lib.ServerState, object, float]:
     raise CalmError(f"--max-n {options.max_n} exceeds --max-queue {options.max_queue}: such a "
                     f"request could never be queued")
   sched = Scheduler(run, slots=options.slots, max_queue=options.max_queue,
-                    buckets=options.buckets)
+                    buckets=options.buckets, steps_per_call=options.steps_per_call)
   compile_s = sched.warm_up()
   eng = run.engine
   limits = protocol.Limits(
