@@ -174,6 +174,17 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class CompileCacheConfig:
+  """Persistent compilation cache: a program compiled once is loaded by every later launch
+  (`calm.compile_cache`). $CALM_COMPILE_CACHE (a directory, or `off`) overrides this section."""
+
+  enabled: bool = True
+  dir: str = ""  # empty: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/calm-jax/jax
+  min_compile_secs: float = 0.0  # programs compiled faster than this are not written
+  max_gib: float = 20.0  # a local cache drops its least recently used programs beyond this
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
   temperature: float = 1.0
   sampler: Literal["exact", "batch"] = "exact"
@@ -209,6 +220,7 @@ class Config:
   mesh: MeshConfig = field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   distributed: DistributedConfig = field(default_factory=DistributedConfig)
+  compile_cache: CompileCacheConfig = field(default_factory=CompileCacheConfig)
   sampling: SamplingConfig = field(default_factory=SamplingConfig)
   eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -443,6 +455,11 @@ def validate(cfg: Config) -> None:
            f"only the calm stage starts from a pretrained backbone, not stage={cfg.stage}")
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  cc = cfg.compile_cache
+  _require(math.isfinite(cc.min_compile_secs) and cc.min_compile_secs >= 0,
+           "compile_cache.min_compile_secs", f"must be >= 0, got {cc.min_compile_secs}")
+  _require(math.isfinite(cc.max_gib) and cc.max_gib > 0, "compile_cache.max_gib",
+           f"must be a positive number of GiB, got {cc.max_gib}")
   s = cfg.sampling
   validate_temperature(s.temperature, "sampling.temperature")
   _require(s.num_candidates >= 1, "sampling.num_candidates", "must be >= 1")

@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
-                  sharding, stages, warm_start)
+from calm import (checkpoint, compile_cache, config, data, distributed, losses, metrics, paths,
+                  rng, run, sharding, stages, warm_start)
 from calm.config import Config
 from calm.models import attention
 from calm.errors import CalmError, ConfigError
@@ -309,6 +309,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
   schedule.
   """
   info = distributed.maybe_initialize(cfg.distributed, verbose=False)
+  compile_cache.enable(cfg)
   if info.process_count > 1:
     print(info, flush=True)
   run_dir = pathlib.Path(cfg.run_dir)
@@ -369,15 +370,16 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
   ckpt.install_preemption_handler()
   end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
 
-  t_compile = time.perf_counter()
+  t_compile, hits = time.perf_counter(), compile_cache.counts["hits"]
   compiled = s.lower().compile()
   t_compile = time.perf_counter() - t_compile
+  cached = " from the compilation cache" if compile_cache.counts["hits"] > hits else ""
   if main:
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
     flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
     print(f"{cfg.stage}: {s.num_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} "
-          f"MFLOP/token, compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
+          f"MFLOP/token, compiled in {t_compile:.1f}s{cached} (temp {temp / 2**20:.1f} MiB), "
           f"mesh {dict(s.mesh.shape)} ({info}), steps {start}→{end}")
 
   logger = metrics.MetricsLogger(run_dir)

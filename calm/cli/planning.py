@@ -31,8 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise ConfigError(f"--devices: must be >= 1, got {args.devices}")
   if args.hbm_gib is not None and not (math.isfinite(args.hbm_gib) and args.hbm_gib > 0):
     raise ConfigError(f"--hbm-gib: must be a positive number of GiB, got {args.hbm_gib}")
-  from calm import config
+  from calm import compile_cache, config
   cfg = config.load(args.config, args.overrides)
+  compile_cache.enable(cfg)
   if args.devices:
     check_devices(cfg, args.devices)
   import jax
