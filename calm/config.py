@@ -107,6 +107,7 @@ class DataConfig:
   tokenizer_train_bytes: int = 20_000_000  # cap on text used to train the BPE
   shuffle: bool = True
   seed: int = 0
+  workers: int = 1  # threads reading training batches ahead of the step (0: in the loop)
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,7 @@ def validate(cfg: Config) -> None:
            f"{d.block_tokens} is not a positive multiple of model.chunk_size {m.chunk_size}")
   _require(bool(d.train.strip()), "data.train", "must name a training source")
   _require(bool(d.separator), "data.separator", "must not be empty")
+  _require(0 <= d.workers <= 64, "data.workers", f"must be in [0, 64], got {d.workers}")
   t = cfg.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
