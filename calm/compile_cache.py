@@ -155,6 +155,11 @@ def _listen() -> None:
     _listening = True
 
 
+def directory() -> str | None:
+  """The cache directory this process uses (None: off, or `enable` not called)."""
+  return _applied[0] if _applied else None
+
+
 def describe(path: str | None) -> str:
   """One line for logs: where compiled programs are cached."""
   return f"compilation cache {path}" if path else "compilation cache off"

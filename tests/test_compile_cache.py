@@ -11,7 +11,7 @@ import pytest
 
 from calm import compile_cache, config
 from calm.config import CompileCacheConfig
-from calm.errors import ConfigError
+from calm.errors import CalmError, ConfigError
 from conftest import ROOT, subprocess_env
 
 # Compiles a few programs of its own (sizes from argv) and prints the cache's hit/write counts.
@@ -103,18 +103,54 @@ def test_two_processes_share_one_cache_at_once(tmp_path):
   assert third["writes"] == 0 and third["hits"] >= len(sizes)
 
 
-def test_second_training_launch_loads_its_step(tmp_path, tiny_runs):
-  cache = tmp_path / "cache"
-  env = subprocess_env(CALM_COMPILE_CACHE=str(cache))
-  tok = f"data.tokenizer={tiny_runs}/ae/tokenizer.json"
-  lines = []
-  for i in range(2):
-    out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "stage=ar",
-                          f"run_dir={tmp_path}/run{i}", tok, "train.steps=1", "data.eval=",
-                          "checkpoint.async_save=false"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines.append(next(l for l in out.stdout.splitlines() if "compiled in" in l))
-  assert "from the compilation cache" not in lines[0]
-  assert "from the compilation cache" in lines[1]
-  assert any(cache.glob("*train_step*-cache"))
+def test_calm_plan_fills_the_cache_the_trainer_loads_from(tmp_path, tiny_runs):
+  """The documented way to compile ahead of time: `calm-plan` on the machine that will train
+  (here without --topology), then `calm-train` loads the step instead of compiling it."""
+  env = subprocess_env(CALM_COMPILE_CACHE=str(tmp_path / "cache"))
+  common = ["--config", "configs/tiny.yaml", "stage=calm", f"train.autoencoder={tiny_runs}/ae"]
+  run = lambda *args: subprocess.run([sys.executable, *args], env=env, cwd=ROOT,
+                                     capture_output=True, text=True, timeout=300)
+  plan_out = run("-m", "calm.plan", *common, "--no-baseline")
+  assert plan_out.returncode == 0, plan_out.stderr[-2000:]
+  assert any((tmp_path / "cache").glob("jit_train_step-*-cache"))
+  train_out = run("train.py", *common, f"run_dir={tmp_path}/run", "train.steps=1", "data.eval=",
+                  f"data.tokenizer={tiny_runs}/ae/tokenizer.json", "checkpoint.async_save=false")
+  assert train_out.returncode == 0, train_out.stderr[-2000:]
+  line = next(l for l in train_out.stdout.splitlines() if "compiled in" in l)
+  assert "from the compilation cache" in line
+
+
+@pytest.fixture
+def cache_in(tmp_path, monkeypatch):
+  """This process's compilation cache in tmp_path/cache for one test, then the suite's again."""
+  monkeypatch.setenv("CALM_COMPILE_CACHE", str(tmp_path / "cache"))
+  compile_cache.enable()
+  yield tmp_path / "cache"
+  monkeypatch.undo()
+  compile_cache.enable()
+
+
+def test_a_topology_plan_is_reused_by_the_next_launch(cache_in, monkeypatch):
+  """For a TPU topology described here (jax can write its executable but not load it back), the
+  plan's analysis is kept beside the cache and a second plan of the same program reuses it."""
+  import jax
+
+  from calm import plan
+
+  monkeypatch.setattr(plan, "_compile_only", lambda devices: True)  # CPU devices stand in
+  cfg = config.load(ROOT / "configs" / "tiny.yaml", ["stage=ar", "model.remat=full",
+                                                     "mesh.data=1"])
+  first = plan.plan(cfg, jax.devices()[:1], baseline=False)
+  assert first.reused_from is None and len(list(cache_in.glob("calm-plan-*.json"))) == 1
+  second = plan.plan(cfg, jax.devices()[:1], baseline=False)
+  assert second.reused_from == pytest.approx(first.compile_seconds)
+  assert (second.total_bytes, second.flops) == (first.total_bytes, first.flops)
+  assert "analysis from an earlier launch" in plan.report(cfg, second)
+  other = plan.plan(config.replace(cfg, **{"model.remat": "none"}), jax.devices()[:1],
+                    baseline=False)  # another program: compiled
+  assert other.reused_from is None and len(list(cache_in.glob("calm-plan-*.json"))) == 2
+  record = next(cache_in.glob("calm-plan-*.json"))  # a refusal is remembered as a refusal
+  record.write_text(json.dumps({"refused": "does not fit: 9 GiB over", "seconds": 1.0}))
+  with pytest.raises(CalmError, match="does not fit: 9 GiB over"):
+    for c in (cfg, config.replace(cfg, **{"model.remat": "none"})):
+      plan.plan(c, jax.devices()[:1], baseline=False)
