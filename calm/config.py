@@ -107,6 +107,7 @@ class DataConfig:
   tokenizer_train_bytes: int = 20_000_000  # cap on text used to train the BPE
   shuffle: bool = True
   seed: int = 0
+  workers: int = 1  # threads reading training batches ahead of the step (0: in the loop)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,17 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class CompileCacheConfig:
+  """Persistent compilation cache: a program compiled once is loaded by every later launch
+  (`calm.compile_cache`). $CALM_COMPILE_CACHE (a directory, or `off`) overrides this section."""
+
+  enabled: bool = True
+  dir: str = ""  # empty: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/calm-jax/jax
+  min_compile_secs: float = 0.0  # programs compiled faster than this are not written
+  max_gib: float = 20.0  # a local cache drops its least recently used programs beyond this
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
   temperature: float = 1.0
   sampler: Literal["exact", "batch"] = "exact"
@@ -209,6 +221,7 @@ class Config:
   mesh: MeshConfig = field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   distributed: DistributedConfig = field(default_factory=DistributedConfig)
+  compile_cache: CompileCacheConfig = field(default_factory=CompileCacheConfig)
   sampling: SamplingConfig = field(default_factory=SamplingConfig)
   eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -430,6 +443,7 @@ def validate(cfg: Config) -> None:
            f"{d.block_tokens} is not a positive multiple of model.chunk_size {m.chunk_size}")
   _require(bool(d.train.strip()), "data.train", "must name a training source")
   _require(bool(d.separator), "data.separator", "must not be empty")
+  _require(0 <= d.workers <= 64, "data.workers", f"must be in [0, 64], got {d.workers}")
   t = cfg.train
   _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
   _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
@@ -443,6 +457,11 @@ def validate(cfg: Config) -> None:
            f"only the calm stage starts from a pretrained backbone, not stage={cfg.stage}")
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  cc = cfg.compile_cache
+  _require(math.isfinite(cc.min_compile_secs) and cc.min_compile_secs >= 0,
+           "compile_cache.min_compile_secs", f"must be >= 0, got {cc.min_compile_secs}")
+  _require(math.isfinite(cc.max_gib) and cc.max_gib > 0, "compile_cache.max_gib",
+           f"must be a positive number of GiB, got {cc.max_gib}")
   s = cfg.sampling
   validate_temperature(s.temperature, "sampling.temperature")
   _require(s.num_candidates >= 1, "sampling.num_candidates", "must be >= 1")

@@ -497,7 +497,8 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, blocks_QT: np.ndarray | shards.TokenBlocks, *, global_batch: int, seed: int, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1, prefetch: int = 2):
+               process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+               workers: int = 1):
     self._closed = True  # until the grain base is initialised (its __del__ reads this)
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ConfigError(f"process_index {process_index} out of range for {process_count} "
@@ -515,7 +516,8 @@ class TrainIterator(grain.DatasetIterator):
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None).batch(self.local_batch)[process_index::process_count]
     ds = ds.map(lambda idx_B: np.asarray(blocks_QT[idx_B], dtype=np.int32))
-    read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    read = grain.ReadOptions(num_threads=workers if prefetch else 0,
+                             prefetch_buffer_size=max(prefetch, workers) if prefetch else 0)
     super().__init__(ds.to_iter_dataset(read).__iter__())
 
   def __next__(self) -> np.ndarray:
@@ -558,7 +560,8 @@ def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | os.Pat
     blocks = pack_blocks(tokens, cfg.data.block_tokens, what=what)
   return TrainIterator(blocks, global_batch=cfg.train.batch_size, seed=cfg.data.seed,
                        shuffle=cfg.data.shuffle, process_index=process_index,
-                       process_count=process_count, prefetch=prefetch)
+                       process_count=process_count,
+                       prefetch=prefetch if cfg.data.workers else 0, workers=cfg.data.workers)
 
 
 def to_global(local_batch_np: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

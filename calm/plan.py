@@ -15,6 +15,9 @@ fit exits with a one-line error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import sys
 import time
 from typing import Sequence
@@ -59,6 +62,7 @@ class Plan:
   attention: str = ""  # the implementation compiled
   flops_no_remat: float | None = None
   baseline_note: str = ""
+  reused_from: float | None = None  # compile seconds of the earlier launch whose analysis this is
 
   @property
   def total_bytes(self) -> int:
@@ -133,28 +137,71 @@ def _chip(device, hbm_gib: float | None) -> tuple[float | None, float | None]:
   return hbm, peak
 
 
-def compile_step(cfg, devices):
-  """(compiled train step, parameter count, mesh, seconds): the trainer's abstract setup over
-  `devices`, lowered and compiled."""
+@dataclasses.dataclass
+class Compiled:
+  """What a plan reads from one compiled step: memory analysis (bytes) and cost analysis."""
+
+  memory: dict
+  cost: dict
+  params: int
+  mesh: object
+  seconds: float  # compiling in this launch
+  reused_from: float | None = None  # set when the analysis came from an earlier launch
+
+
+_MEMORY = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+           "temp_size_in_bytes")
+
+
+def _compile_only(devices) -> bool:
+  """Devices of a TPU topology description (no TPU here): jax's compilation cache writes their
+  executables but cannot load them back without the TPU."""
+  return type(devices[0].client).__name__ == "CompileOnlyPyClient"
+
+
+def _analysis_path(lowered, devices) -> str | None:
+  """Where this program's analysis is kept for later launches: in the compilation cache
+  directory, keyed by the lowered program, the jax and compiler versions, the devices and the
+  XLA flags (as jax keys its cache); None when the cache is off or the devices are real (jax's
+  own cache serves those)."""
+  from calm import compile_cache
+
+  root = compile_cache.directory()
+  if root is None or "://" in root or not _compile_only(devices):
+    return None
   import jax
+  import jaxlib
 
-  from calm import sharding, trainer
+  client = devices[0].client
+  parts = [lowered.as_text(), jax.__version__, jaxlib.__version__, client.platform,
+           client.platform_version, devices[0].device_kind,
+           [(d.id, list(getattr(d, "coords", ()) or ())) for d in devices],
+           os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", "")]
+  key = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+  return os.path.join(root, f"calm-plan-{key}.json")
 
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  s = trainer.setup(cfg, mesh=mesh, abstract=True)
-  t = time.perf_counter()
-  lowered = s.lower()
+
+def _save_analysis(path: str | None, record: dict) -> None:
+  if path is None:
+    return
+  tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses steps that cannot fit
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    raise CalmError(f"does not fit: {_first_line(e).split(': ', 1)[-1]} "
-                    f"(stage={cfg.stage} remat={cfg.model.remat} attention="
-                    f"{cfg.model.attention}, {cfg.train.batch_size // cfg.train.grad_accum} x "
-                    f"{cfg.data.block_tokens} tokens per micro-batch over {len(devices)} "
-                    f"devices)") from None
-  return compiled, s.num_params, mesh, time.perf_counter() - t
+    with open(tmp, "w") as f:
+      json.dump(record, f)
+    os.replace(tmp, path)  # whole or not at all, whoever else writes it
+  except OSError:  # a cache that cannot be written costs the next launch a compile, no more
+    pass
+
+
+def _load_analysis(path: str | None) -> dict | None:
+  if path is None or not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return rec if isinstance(rec, dict) else None
 
 
 def _cost(compiled) -> dict:
@@ -162,6 +209,45 @@ def _cost(compiled) -> dict:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return dict(cost or {})
+
+
+def compile_step(cfg, devices) -> Compiled:
+  """The trainer's abstract setup over `devices`, lowered and compiled; for a TPU topology
+  described on this machine, the analysis of the same program compiled by an earlier launch is
+  reused (kept beside the compilation cache)."""
+  import jax
+
+  from calm import sharding, trainer
+
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  s = trainer.setup(cfg, mesh=mesh, abstract=True)
+  lowered = s.lower()
+  path = _analysis_path(lowered, devices)
+  if (rec := _load_analysis(path)) is not None:
+    if "refused" in rec:
+      raise CalmError(rec["refused"])
+    return Compiled(memory=rec["memory"], cost=rec["cost"], params=s.num_params, mesh=mesh,
+                    seconds=0.0, reused_from=float(rec["seconds"]))
+  t = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses steps that cannot fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    msg = (f"does not fit: {_first_line(e).split(': ', 1)[-1]} "
+           f"(stage={cfg.stage} remat={cfg.model.remat} attention="
+           f"{cfg.model.attention}, {cfg.train.batch_size // cfg.train.grad_accum} x "
+           f"{cfg.data.block_tokens} tokens per micro-batch over {len(devices)} "
+           f"devices)")
+    _save_analysis(path, {"refused": msg, "seconds": time.perf_counter() - t})
+    raise CalmError(msg) from None
+  seconds = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  memory = {k: int(getattr(mem, k, 0) or 0) for k in _MEMORY}
+  cost = {k: float(v) for k, v in _cost(compiled).items()
+          if k in ("flops", "optimal_seconds") and isinstance(v, (int, float))}
+  _save_analysis(path, {"memory": memory, "cost": cost, "seconds": seconds})
+  return Compiled(memory=memory, cost=cost, params=s.num_params, mesh=mesh, seconds=seconds)
 
 
 def plan(cfg, devices, *, hbm_gib: float | None = None, baseline: bool = True) -> Plan:
@@ -172,25 +258,25 @@ def plan(cfg, devices, *, hbm_gib: float | None = None, baseline: bool = True) -
   if cfg.model.attention == "auto":  # for the target devices, not this host
     impl = attention.resolve("auto", cfg.model.dtype, devices[0].platform)
     cfg = config.replace(cfg, **{"model.attention": impl})
-  compiled, n_params, mesh, seconds = compile_step(cfg, devices)
-  mem = compiled.memory_analysis()
-  cost = _cost(compiled)
+  c = compile_step(cfg, devices)
+  mem, cost = c.memory, c.cost
   hbm, peak = _chip(devices[0], hbm_gib)
   tokens = cfg.train.batch_size * cfg.data.block_tokens
   est = cost.get("optimal_seconds")
-  p = Plan(devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-           params=n_params, argument_bytes=mem.argument_size_in_bytes,
-           output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-           temp_bytes=mem.temp_size_in_bytes, hbm_bytes=hbm, flops=float(cost.get("flops", 0.0)),
+  p = Plan(devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(c.mesh.shape),
+           params=c.params, argument_bytes=mem["argument_size_in_bytes"],
+           output_bytes=mem["output_size_in_bytes"], alias_bytes=mem["alias_size_in_bytes"],
+           temp_bytes=mem["temp_size_in_bytes"], hbm_bytes=hbm,
+           flops=float(cost.get("flops", 0.0)),
            model_flops=metrics.model_flops_per_token(cfg) * tokens / len(devices),
            est_seconds=float(est) if est and est > 0 else None, peak_flops=peak,
-           compile_seconds=seconds, attention=cfg.model.attention)
+           compile_seconds=c.seconds, attention=cfg.model.attention, reused_from=c.reused_from)
   if cfg.model.remat == "none":
     p.flops_no_remat = p.flops
   elif baseline:
     try:
-      ref, *_ = compile_step(config.replace(cfg, **{"model.remat": "none"}), devices)
-      p.flops_no_remat = float(_cost(ref).get("flops", 0.0)) or None
+      ref = compile_step(config.replace(cfg, **{"model.remat": "none"}), devices)
+      p.flops_no_remat = float(ref.cost.get("flops", 0.0)) or None
     except CalmError:  # the step without remat does not fit: no ratio to report
       p.baseline_note = "the step without remat does not fit on this chip (no FLOPs ratio)"
   return p
@@ -212,7 +298,9 @@ def report(cfg, p: Plan, *, with_verdict: bool = True) -> str:
       f"{cfg.train.grad_accum} micro-batches of {micro} "
       f"({micro / (p.mesh['data'] * p.mesh['fsdp']):g} x {cfg.data.block_tokens} per chip)",
       f"devices     {p.devices} x {p.device_kind}, mesh {p.mesh}",
-      f"compile     {p.compile_seconds:.1f} s",
+      f"compile     {p.compile_seconds:.1f} s" if p.reused_from is None else
+      f"compile     none: this program's analysis from an earlier launch (compiled in "
+      f"{p.reused_from:.1f} s), kept beside the compilation cache",
       f"memory      arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - aliased "
       f"{g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} = {g(p.total_bytes)} per chip"
       + (f" of {g(p.hbm_bytes)} HBM ({p.total_bytes / p.hbm_bytes:.0%})" if p.hbm_bytes else ""),

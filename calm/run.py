@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from calm import checkpoint, data, paths, shards, stages
+from calm import checkpoint, compile_cache, data, paths, shards, stages
 from calm.config import Config, SamplingConfig
 from calm.errors import CalmError, CheckpointError, ConfigError, DataError
 from calm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -459,5 +459,6 @@ def open(path: str | os.PathLike, step: int | None = None, *,
   if not cfg_path.is_file():
     raise ConfigError(f"{path}: not a run directory (no {paths.CONFIG_FILE})"
                       if p.is_dir() else f"{path}: no such run directory or config file")
-  return load(paths.load_config(cfg_path, list(overrides)), step=step, mesh=mesh,
-              weights=weights, cache=cache)
+  cfg = paths.load_config(cfg_path, list(overrides))
+  compile_cache.enable(cfg)
+  return load(cfg, step=step, mesh=mesh, weights=weights, cache=cache)

@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from calm import (checkpoint, config, data, distributed, losses, metrics, paths, rng, run,
-                  sharding, stages, warm_start)
+from calm import (checkpoint, compile_cache, config, data, distributed, goodput, losses, metrics,
+                  paths, rng, run, sharding, stages, warm_start)
 from calm.config import Config
 from calm.models import attention
 from calm.errors import CalmError, ConfigError
@@ -211,6 +211,7 @@ class TrainResult:
   history: list[dict]
   eval_history: list[dict]
   run_dir: pathlib.Path
+  goodput: dict = dataclasses.field(default_factory=dict)  # `goodput.totals` over every launch
 
 
 def _check_run_dir(run_dir: pathlib.Path) -> None:
@@ -232,10 +233,13 @@ def _make_run_dir(run_dir: pathlib.Path) -> None:
 
 
 class LogHook:
-  """Every `train.log_every` steps: window-averaged metrics, tokens/s, TFLOP/s per device, MFU."""
+  """Every `train.log_every` steps: window-averaged metrics, tokens/s, TFLOP/s per device, MFU,
+  and the run's goodput so far (one warning when the input pipeline holds training back)."""
 
-  def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm, plain: bool = False):
+  def __init__(self, cfg: Config, logger: metrics.MetricsLogger, bar: tqdm, plain: bool = False,
+               ledger: goodput.Ledger | None = None):
     self.every, self.logger, self.bar, self.plain = cfg.train.log_every, logger, bar, plain
+    self.ledger, self.data_mark, self.warned = ledger, None, False
     self.flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage,
                                                         cfg.data.block_tokens)
     self.peak = cfg.train.peak_flops or metrics.measure_peak_flops(dtype=cfg.model.dtype)
@@ -254,9 +258,27 @@ class LogHook:
                mfu=flops / (self.peak * jax.device_count()))
     self.window.clear()
     self.logger.write(step, avg, prefix="train/")
+    if self.ledger is not None:
+      self.goodput(step)
     self.bar.set_postfix(loss=f"{avg['loss']:.4g}", tok_s=f"{tok_s:.0f}")
     if self.bar.disable and self.plain:  # no bar (not a terminal): one plain line instead
       print(f"step {step}: loss {avg['loss']:.4g}, {tok_s:.0f} tokens/s", flush=True)
+
+
+  def goodput(self, step: int) -> None:
+    t = self.ledger.totals()
+    self.logger.write(step, {**goodput.fractions(t), "lost_steps": t["lost_steps"]},
+                      prefix="goodput/")
+    # the share of time spent waiting for data since the first logged window (warm-up excluded)
+    now = (step, self.ledger.seconds["data"], time.time())
+    if self.data_mark is None:
+      self.data_mark = now
+      return
+    s0, d0, t0 = self.data_mark
+    frac = (now[1] - d0) / max(now[2] - t0, 1e-9)
+    if not self.warned and frac > goodput.DATA_WAIT_WARNING and jax.process_index() == 0:
+      tqdm.write(goodput.data_wait_warning(frac, s0 + 1, step))
+      self.warned = True
 
 
 class EvalHook:
@@ -309,6 +331,7 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
   schedule.
   """
   info = distributed.maybe_initialize(cfg.distributed, verbose=False)
+  compile_cache.enable(cfg)
   if info.process_count > 1:
     print(info, flush=True)
   run_dir = pathlib.Path(cfg.run_dir)
@@ -327,65 +350,80 @@ def train(cfg: Config, *, max_steps: int | None = None, progress: bool = True) -
 def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
            progress: bool, fresh: bool) -> TrainResult:
   main = jax.process_index() == 0
-  s = setup(cfg, fresh=fresh)
-  _make_run_dir(run_dir)
-  tokenizer = run.get_tokenizer(cfg, run_dir, ae_dir=s.ae_dir)
-  if s.ae_dir is not None:
-    run.check_tokenizer(tokenizer, checkpoint.read_metadata(s.ae_dir)[1],
-                    f"the autoencoder {s.ae_dir}")
-  if checkpoint.has_checkpoint(run_dir):
-    run.check_tokenizer(tokenizer, checkpoint.read_metadata(run_dir)[1], f"the run {run_dir}")
-  it = data.make_train_iterator(cfg, tokenizer, run_dir, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-  eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
+  ledger = goodput.Ledger(run_dir, write=False)  # written once the run is accepted
+  with ledger.phase("startup"):
+    s = setup(cfg, fresh=fresh)
+    _make_run_dir(run_dir)
+    tokenizer = run.get_tokenizer(cfg, run_dir, ae_dir=s.ae_dir)
+    if s.ae_dir is not None:
+      run.check_tokenizer(tokenizer, checkpoint.read_metadata(s.ae_dir)[1],
+                          f"the autoencoder {s.ae_dir}")
+    if checkpoint.has_checkpoint(run_dir):
+      run.check_tokenizer(tokenizer, checkpoint.read_metadata(run_dir)[1], f"the run {run_dir}")
+    it = data.make_train_iterator(cfg, tokenizer, run_dir, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
 
-  meta = {"stage": cfg.stage, "config": config.to_dict(cfg), "paths": paths.absolute_paths(cfg),
-          "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
-          "tokenizer_vocab_size": tokenizer.vocab_size,
-          "tokenizer_fingerprint": tokenizer.fingerprint}
-  # a resumed run keeps the record of the backbone it started from (the source is not read again)
-  source = s.init_backbone if fresh else checkpoint.read_metadata(run_dir)[1].get("init_backbone")
-  if source:
-    meta["init_backbone"] = source
-  ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
+    meta = {"stage": cfg.stage, "config": config.to_dict(cfg),
+            "paths": paths.absolute_paths(cfg),
+            "autoencoder": str(s.ae_dir.resolve()) if s.ae_dir else "",
+            "tokenizer_vocab_size": tokenizer.vocab_size,
+            "tokenizer_fingerprint": tokenizer.fingerprint}
+    # a resumed run keeps the record of the backbone it started from (the source is not read
+    # again)
+    source = (s.init_backbone if fresh
+              else checkpoint.read_metadata(run_dir)[1].get("init_backbone"))
+    if source:
+      meta["init_backbone"] = source
+    ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
   params, opt_state, start = s.params, s.opt_state, 0
   latest = ckpt.latest_step()
   if latest is not None:
     try:
-      restored = ckpt.restore(latest, params=params, opt_state=opt_state, expect_config=cfg)
+      with ledger.phase("checkpoint"):
+        restored = ckpt.restore(latest, params=params, opt_state=opt_state, expect_config=cfg)
     except BaseException:
       ckpt.close()
       raise
     params, opt_state, start = restored.params, restored.opt_state, latest
     it.set_state(restored.data_state)
+    ledger.resumed_at(start)
     if main:
       print(f"resumed {cfg.stage} from step {start} in {run_dir}")
+      if ledger.earlier:
+        redo = (f"; steps {start + 1}-{ledger.redo_until} were reached before and are computed "
+                f"again" if ledger.redo_until > start else "")
+        print(f"earlier launches: {goodput.summary(goodput.totals(ledger.earlier))}{redo}")
   if main:
     paths.save_config(cfg)  # only now: the run is accepted
     if s.init_backbone:
       src = s.init_backbone
       print(f"warm start: {' + '.join(src['parts'])} ({src['parameters'] / 1e6:.2f}M params) "
             f"from {src['path']} step {src['step']}; the rest starts fresh")
+  ledger.write_enabled = main
   ckpt.install_preemption_handler()
   end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
 
-  t_compile = time.perf_counter()
-  compiled = s.lower().compile()
+  t_compile, hits = time.perf_counter(), compile_cache.counts["hits"]
+  with ledger.phase("compile"):
+    compiled = s.lower().compile()
   t_compile = time.perf_counter() - t_compile
+  cached = " from the compilation cache" if compile_cache.counts["hits"] > hits else ""
   if main:
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
     flops_per_token = metrics.model_flops_per_token(cfg.model, cfg.stage, cfg.data.block_tokens)
     print(f"{cfg.stage}: {s.num_params / 1e6:.2f}M params, {flops_per_token / 1e6:.2f} "
-          f"MFLOP/token, compiled in {t_compile:.1f}s (temp {temp / 2**20:.1f} MiB), "
+          f"MFLOP/token, compiled in {t_compile:.1f}s{cached} (temp {temp / 2**20:.1f} MiB), "
           f"mesh {dict(s.mesh.shape)} ({info}), steps {start}→{end}")
 
-  logger = metrics.MetricsLogger(run_dir)
-  # a progress bar only on a terminal: in a log file its redraws are one long line
-  bar = tqdm(total=end, initial=start, disable=not (progress and main and sys.stderr.isatty()),
-             desc=cfg.stage, dynamic_ncols=True, mininterval=1.0)
-  log_hook = LogHook(cfg, logger, bar, plain=progress and main)
-  eval_hook = EvalHook(s, eval_blocks, logger) if eval_blocks is not None else None
+  with ledger.phase("startup"):
+    logger = metrics.MetricsLogger(run_dir)
+    # a progress bar only on a terminal: in a log file its redraws are one long line
+    bar = tqdm(total=end, initial=start, disable=not (progress and main and sys.stderr.isatty()),
+               desc=cfg.stage, dynamic_ncols=True, mininterval=1.0)
+    log_hook = LogHook(cfg, logger, bar, plain=progress and main, ledger=ledger)
+    eval_hook = EvalHook(s, eval_blocks, logger) if eval_blocks is not None else None
   train_key = rng.stream(cfg.seed, rng.TRAIN)
   history: list[dict] = []
   pending = None  # (step, device metrics) read one step late to keep dispatch async
@@ -401,15 +439,20 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
     m["step"] = step
     history.append(m)
     log_hook.add(m)
+    ledger.completed(step)
 
   step = start
   try:
     for step in range(start + 1, end + 1):
-      ids = data.to_global(next(it), s.batch_sharding)
-      key = jax.random.fold_in(train_key, step)
-      params, opt_state, m_dev = compiled(params, opt_state, ids, key, s.ae_params)
-      if pending is not None:
-        consume(*pending)
+      with ledger.phase("data"):
+        ids = data.to_global(next(it), s.batch_sharding)
+      # a step reached by an earlier launch after its last checkpoint is lost work
+      work = "lost" if ledger.is_redo(step) else "step"
+      with ledger.phase(work):
+        key = jax.random.fold_in(train_key, step)
+        params, opt_state, m_dev = compiled(params, opt_state, ids, key, s.ae_params)
+        if pending is not None:
+          consume(*pending)
       pending = (step, m_dev)
       bar.update(1)
       last = step == end
@@ -418,28 +461,41 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
       do_eval = eval_hook is not None and (step % eval_hook.every == 0 or last)
       do_save = ckpt.should_save(step, preempted) or last
       if do_log or do_eval or do_save:
-        consume(*pending)
+        with ledger.phase(work):
+          consume(*pending)
         pending = None
       if do_log:
         log_hook(step)
       if do_eval:
-        eval_hook(step, params)
+        with ledger.phase("eval"):
+          eval_hook(step, params)
       if do_save:
-        ckpt.save(step, params=params, opt_state=opt_state, data_state=it.get_state(),
-                  loss=history[-1]["loss"])
-        if preempted:
-          if main:
-            print(f"preempted: saved step {step} in {run_dir}")
-          break
+        with ledger.phase("checkpoint"):
+          ckpt.save(step, params=params, opt_state=opt_state, data_state=it.get_state(),
+                    loss=history[-1]["loss"])
+      ledger.save()  # after the step's metrics row: a kill never leaves the ledger ahead of it
+      if do_save and preempted:
+        if main:
+          print(f"preempted: saved step {step} in {run_dir}")
+        break
     if pending is not None:
-      consume(*pending)
+      with ledger.phase("lost" if ledger.is_redo(pending[0]) else "step"):
+        consume(*pending)
   finally:
     bar.close()
-    ckpt.close()
+    with ledger.phase("checkpoint"):  # waits for a checkpoint still being written
+      ckpt.close()
     logger.close()
+    ledger.close()
+  totals = ledger.totals()
+  if main:
+    if ledger.first_step_wall is not None:
+      print(f"launch {ledger.number}: first step done {ledger.first_step_wall:.1f} s after the "
+            f"process started")
+    print(goodput.summary(totals))
   return TrainResult(step=step, history=history,
                      eval_history=eval_hook.history if eval_hook is not None else [],
-                     run_dir=run_dir)
+                     run_dir=run_dir, goodput=totals)
 
 
 def _local_eval_slice(eval_blocks: np.ndarray, i: int, cfg: Config, batch_sh) -> jax.Array:

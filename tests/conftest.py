@@ -5,10 +5,9 @@ import pathlib
 import tempfile
 
 # One compilation cache for the whole run, shared with the tests' subprocesses (they compile
-# many of the same tiny programs).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "calm-jax-test-xla-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# many of the same tiny programs), never the user's ~/.cache (`calm.compile_cache`).
+os.environ.setdefault("CALM_COMPILE_CACHE",
+                      os.path.join(tempfile.gettempdir(), "calm-jax-test-compile-cache"))
 # The suite is written for 8 fake CPU devices; on a GPU/TPU machine it still runs on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
@@ -16,6 +15,9 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+from calm import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 import pytest  # noqa: E402
 

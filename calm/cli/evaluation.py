@@ -20,7 +20,7 @@ from calm.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from calm import paths
+  from calm import compile_cache, paths
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
   cfg = paths.load_config(args.config, args.overrides)
+  compile_cache.enable(cfg)
   source = cfg.eval.data or cfg.data.eval
   if not source:
     raise ConfigError("eval.data: name the held-out documents (e.g. eval.data=PATH)")

@@ -12,7 +12,7 @@ import pathlib
 import sys
 import time
 
-from calm import paths
+from calm import compile_cache, paths
 from calm.errors import CalmError, ConfigError
 
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
       ("num_samples", args.num_samples), ("max_new_tokens", args.max_tokens),
       ("seed", args.seed)) if v is not None]
   cfg = paths.load_config(args.config, list(args.overrides) + extra)
+  compile_cache.enable(cfg)
   from calm import run, stages
 
   if not stages.get_stage(cfg).generates:

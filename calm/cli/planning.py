@@ -3,7 +3,9 @@
   calm-plan --config configs/calm_m.yaml stage=calm --topology v5e:2x2
   calm-plan --config configs/tiny.yaml --devices 8
 
-See `calm.plan` for what is measured.
+See `calm.plan` for what is measured. The compiled step goes into the compilation cache
+(`calm.compile_cache`): run without --topology on every host of a pod at once, it compiles the
+step the trainer will run there, so that `calm-train` loads it instead of compiling.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise ConfigError(f"--devices: must be >= 1, got {args.devices}")
   if args.hbm_gib is not None and not (math.isfinite(args.hbm_gib) and args.hbm_gib > 0):
     raise ConfigError(f"--hbm-gib: must be a positive number of GiB, got {args.hbm_gib}")
-  from calm import config
+  from calm import compile_cache, config
   cfg = config.load(args.config, args.overrides)
+  compile_cache.enable(cfg)
   if args.devices:
     check_devices(cfg, args.devices)
   import jax
@@ -43,9 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       jax.config.update("jax_num_cpu_devices", args.devices)
     except RuntimeError:
       pass
+  else:  # on every host of a pod at once: the job's devices, the step the trainer compiles
+    from calm import distributed
+    distributed.maybe_initialize(cfg.distributed, verbose=False)
   devices = devices_for(args.topology, args.devices)
   p = plan(cfg, devices, hbm_gib=args.hbm_gib, baseline=not args.no_baseline)
-  print(report(cfg, p, with_verdict=p.fits))
+  if jax.process_index() == 0:
+    print(report(cfg, p, with_verdict=p.fits))
   if not p.fits:
     raise CalmError(verdict(p).split(None, 1)[1])
   return 0
