@@ -453,8 +453,6 @@ def validate(cfg: Config) -> None:
   _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(t.log_every >= 1, "train.log_every", "must be >= 1")
   _require(t.eval_every >= 1, "train.eval_every", "must be >= 1")
-  _require(not t.init_backbone or cfg.stage == "calm", "train.init_backbone",
-           f"only the calm stage starts from a pretrained backbone, not stage={cfg.stage}")
   _require(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
   _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   cc = cfg.compile_cache

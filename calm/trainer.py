@@ -156,6 +156,9 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   """
   stage = stages.get_stage(cfg)
   stage.validate(cfg.model)
+  if cfg.train.init_backbone and not stage.warm_starts:
+    raise ConfigError(f"train.init_backbone: only the calm stage starts from a pretrained "
+                      f"backbone, not stage={cfg.stage}")
   mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
   if cfg.model.attention != "auto":  # a kernel this target cannot run: say so before any work
     attention.check(cfg.model.attention, mesh.devices.flat[0].platform)

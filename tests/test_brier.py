@@ -210,6 +210,7 @@ def _tiny_cfg(**changes):
   return config_lib.replace(cfg, **changes) if changes else cfg
 
 
+@pytest.mark.slow
 def test_ar_block_scores_unbiased_against_enumeration():
   """AR estimator through the KV-cache continuation vs the exact Brier-n of a V=8 model."""
   from flax import nnx

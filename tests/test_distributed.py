@@ -122,6 +122,7 @@ def _wait(procs, timeout=150):
   return outs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)

@@ -24,6 +24,7 @@ def _ids(B, T, V, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(3, V, (B, T)), jnp.int32)
 
 
+@pytest.mark.slow
 def test_branch_cache_equals_private_copies():
   """Branches over a shared prefix compute what per-branch copies of the cache compute."""
   model = ARModel(_model_cfg(), rngs=nnx.Rngs(0))

@@ -338,6 +338,7 @@ def test_brier_scores_any_head(tiny_models):
   assert set(np.unique(doc_ids)) == {0, 1}
 
 
+@pytest.mark.slow
 def test_sharded_loss_matches_single_device(kind="diffusion"):
   """The heads' logical axes shard them; one (the heads share the conditioning network) is
   checked on a 2×2×2 mesh against one device."""

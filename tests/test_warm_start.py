@@ -161,6 +161,8 @@ def test_tokenizer_of_the_source_checked(tiny_runs, tmp_path):
   assert not (tmp_path / "calm").exists()
 
 
-def test_only_the_calm_stage_takes_a_backbone(tiny_runs):
+def test_only_the_calm_stage_takes_a_backbone(tiny_runs, tmp_path):
   with pytest.raises(ConfigError, match="only the calm stage"):
-    config.load(TINY, ["stage=ar", f"train.init_backbone={tiny_runs}/ar"])
+    trainer.train(config.load(TINY, ["stage=ar", f"run_dir={tmp_path}/ar", *COMMON,
+                                     f"train.init_backbone={tiny_runs}/ar"]), progress=False)
+  assert not (tmp_path / "ar").exists()

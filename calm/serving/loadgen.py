@@ -1,13 +1,11 @@
 """An HTTP load generator for `calm-serve` (stdlib only): concurrent clients, bounded by a
 request count and a duration, plain or streaming, with optional random disconnects and bad
-requests; reports status counts, completeness, aggregate tokens/s and time to first token.
-
-  python -m calm.serving.loadgen --url http://127.0.0.1:8000 --clients 16 --requests 64
+requests; reports status counts, completeness, aggregate tokens/s and time to first token
+(`bench/bench_serve.py` drives it against `calm-serve` processes).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import http.client
@@ -237,28 +235,3 @@ def summary(results: list[Result], wall: float) -> dict:
       "tokens_per_s": sum(r.tokens for r in valid) / wall if wall > 0 else 0.0,
       "ttft_p50_s": pick(0.5), "ttft_p90_s": pick(0.9),
   }
-
-
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--url", required=True)
-  ap.add_argument("--clients", type=int, default=16)
-  ap.add_argument("--requests", type=int, default=64)
-  ap.add_argument("--duration", type=float, default=300.0)
-  ap.add_argument("--max-tokens", type=int, default=64)
-  ap.add_argument("--prompt", default="It was a dark and stormy night")
-  ap.add_argument("--stream", action="store_true")
-  ap.add_argument("--api-key", default=None)
-  args = ap.parse_args(argv)
-  make = lambda i, rng: {"body": {"prompt": args.prompt, "max_tokens": args.max_tokens,
-                                  "seed": i, "stream": args.stream,
-                                  **({"stream_options": {"include_usage": True}}
-                                     if args.stream else {})}}
-  results, wall = run_load(args.url, make, clients=args.clients, requests=args.requests,
-                           duration_s=args.duration, api_key=args.api_key)
-  print(json.dumps(summary(results, wall), indent=1))
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

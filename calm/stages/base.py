@@ -25,6 +25,7 @@ class Stage:
   # top-level parameter groups a Llama-style model shares with another stage's: the token
   # embedding table and the decoder (layers + final norm); what a warm start copies
   backbone_parts: ClassVar[tuple[str, ...]] = ()
+  warm_starts: ClassVar[bool] = False  # takes `train.init_backbone` (another run's backbone)
 
   def __init__(self, cfg: Config | None = None):
     self.cfg = cfg

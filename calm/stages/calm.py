@@ -28,6 +28,7 @@ class CalmStage(Stage):
   needs_autoencoder = True
   generates = True
   backbone_parts = ("embed", "backbone")
+  warm_starts = True
   arch_keys = AE_KEYS + BACKBONE_KEYS + ("model.head.kind", "model.head.noise_dim",
                                          "model.head.num_blocks")
 
