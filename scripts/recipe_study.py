@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calm import config, data, evaluate, metrics, paths, run  # noqa: E402
+import study_runs  # noqa: E402  (scripts/study_runs.py)
 
 BASE = "configs/demo.yaml"
 AE_BASE = {"train.lr": 2e-3}
@@ -59,15 +60,7 @@ def _args(d: dict) -> list[str]:
   return [f"{k}={v}" for k, v in d.items()]
 
 
-def _run(cmd: list[str]) -> None:
-  print("$", " ".join(cmd), flush=True)
-  subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
-
-
-def _finished(run_dir: pathlib.Path, steps: int) -> bool:
-  """A run that already evaluated its last step (training would only resume and stop)."""
-  return any(r["step"] == steps and any(k.startswith("eval/") for k in r)
-             for r in metrics.read_jsonl(run_dir / "metrics.jsonl"))
+_run, _finished = study_runs.run, study_runs.finished
 
 
 def _last(rows: list[dict], key: str) -> float | None:

@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calm import checkpoint, config, data, metrics, paths, run  # noqa: E402
+import study_runs  # noqa: E402  (scripts/study_runs.py)
 
 BASE = "configs/demo.yaml"
 AE_RECIPE = ["train.lr=2e-3", "train.steps=300"]  # the demo's autoencoder (scripts/demo.sh)
@@ -46,15 +47,7 @@ LABELS = {"scratch": "CALM from scratch", "warm50": "AR ½ → CALM ½", "warm25
           "ar": "AR alone", "owned": "owned AR → CALM (AR not counted)"}
 
 
-def _run(cmd: list[str]) -> None:
-  print("$", " ".join(cmd), flush=True)
-  subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
-
-
-def _finished(run_dir: pathlib.Path, steps: int) -> bool:
-  """A run that already evaluated its last step (training would only resume and stop)."""
-  return any(r["step"] == steps and any(k.startswith("eval/") for k in r)
-             for r in metrics.read_jsonl(run_dir / "metrics.jsonl"))
+_run, _finished = study_runs.run, study_runs.finished
 
 
 def _steps(flop: float, cfg: config.Config) -> tuple[int, float]:
