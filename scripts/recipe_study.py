@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import pathlib
-import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

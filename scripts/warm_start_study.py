@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
