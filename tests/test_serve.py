@@ -212,7 +212,8 @@ def test_models_and_health(served):
 def test_full_queue_gets_429_and_drain_finishes_running_requests(runs):
   """One slot, a queue of one: a third concurrent request gets 429. Draining turns new
   requests away with 503 and lets the running one finish."""
-  b = server_lib.Background(runs["ar"], server_lib.Options(slots=1, max_queue=1, max_n=1, grace=60))
+  b = server_lib.Background(runs["ar"], server_lib.Options(slots=1, max_queue=1, max_n=1,
+                                                           grace=60))
   try:
     long = body(seed=1, max_tokens=48, stream=True)
     results = []
