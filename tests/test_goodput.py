@@ -110,7 +110,9 @@ def test_kill_and_resume_accounts_for_both_processes(tmp_path, tiny_runs):
   ledgers = goodput.read_ledgers(run_dir)
   t = goodput.totals(ledgers)
   assert t["launches"] == 2 and t["lost_steps"] == redone
-  assert [r["step"] for r in ledgers] == [reached, 90]
+  # The ledger is written just after a step's metrics row: a kill between the two leaves it
+  # one step behind (the resumed launch takes the row's step as the furthest reached).
+  assert ledgers[0]["step"] in (reached - 1, reached) and ledgers[1]["step"] == 90
   wall = wall_first + wall_second
   assert 0.95 * wall <= t["wall"] <= wall  # everything accounted for, nothing twice
   assert t["seconds"]["lost"] > 0 and t["seconds"]["step"] > 0 and t["seconds"]["compile"] > 0

@@ -211,29 +211,39 @@ def test_models_and_health(served):
 
 def test_full_queue_gets_429_and_drain_finishes_running_requests(runs):
   """One slot, a queue of one: a third concurrent request gets 429. Draining turns new
-  requests away with 503 and lets the running one finish."""
+  requests away with 503 and lets the running ones finish."""
   b = server_lib.Background(runs["ar"], server_lib.Options(slots=1, max_queue=1, max_n=1,
                                                            grace=60))
+  gate = threading.Event()  # holds the decode thread's first delivery: the slot stays busy
+  deliver = b.scheduler._deliver
+  b.scheduler._deliver = lambda *a: (gate.wait(60), deliver(*a))[1]
+
+  def until(cond):
+    deadline = time.monotonic() + 60
+    while not cond():
+      assert time.monotonic() < deadline
+      time.sleep(0.002)
+
   try:
     long = body(seed=1, max_tokens=48, stream=True)
     results = []
     threads = [threading.Thread(target=lambda: results.append(loadgen.request(b.url, long)))
                for _ in range(2)]
-    for t in threads:
-      t.start()
-    deadline = time.monotonic() + 30
-    while not (b.scheduler.busy == 1 and b.scheduler.waiting == 1) and \
-        time.monotonic() < deadline:
-      time.sleep(0.002)
+    threads[0].start()
+    until(lambda: b.scheduler.busy == 1)
+    threads[1].start()
+    until(lambda: b.scheduler.waiting == 1)
     refused = loadgen.request(b.url, body(seed=2))
     assert refused.status == 429 and refused.error["type"] == "rate_limit_error"
     drain = b.server.drain()
     assert loadgen.request(b.url, body(seed=3)).status == 503
+    gate.set()
     for t in threads:
       t.join()
     drain.join()
     assert [r.status for r in results] == [200, 200] and all(r.complete for r in results)
   finally:
+    gate.set()
     b.stop()
 
 
