@@ -280,16 +280,6 @@ def _settle(old: DecodeState, new: DecodeState, live_B: jax.Array) -> DecodeStat
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _insert(st: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState:
-  cache = KVCache(st.cache.k.at[:, slot].set(row.cache.k[:, 0]),
-                  st.cache.v.at[:, slot].set(row.cache.v[:, 0]),
-                  st.cache.length.at[slot].set(row.cache.length[0]))
-  return DecodeState(cache, st.carry_BX.at[slot].set(row.carry_BX[0]),
-                     st.keys_B.at[slot].set(row.keys_B[0]), st.step_B.at[slot].set(0),
-                     st.done_B.at[slot].set(False))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
 def _insert_rows(st: DecodeState, rows: DecodeState, slots_R: jax.Array) -> DecodeState:
   """Row r of `rows` into slot slots_R[r]; an index past the last slot drops its row."""
   put = lambda a, r, axis=0: (a.at[:, slots_R] if axis else a.at[slots_R]).set(r, mode="drop")
@@ -402,19 +392,11 @@ class Engine:
                                 positions=1)
     return _retire(st)
 
-  def prefill_row(self, ids: Sequence[int], key: jax.Array, *, capacity: int, positions: int
-                  ) -> DecodeState:
-    """One prompt prefilled alone as a 1-row state for `insert`: padded to `positions` cache
-    positions (a length bucket: one compilation per bucket), with room for `capacity`."""
-    return self.prefill_row_batch([ids], key[None], capacity=capacity, positions=positions)
-
   def prefill_row_batch(self, prompts, keys_B, *, capacity: int, positions: int) -> DecodeState:
+    """Prompts prefilled together as a state for `insert_rows`: each padded to `positions` cache
+    positions (a length bucket: one compilation per bucket and batch size), with room for
+    `capacity`."""
     raise NotImplementedError
-
-  def insert(self, state: DecodeState, row: DecodeState, slot: int) -> DecodeState:
-    """`state` with slot `slot` replaced by the 1-row `row` (step 0, not done); `state` is
-    donated."""
-    return _insert(state, row, jnp.int32(slot))
 
   def insert_rows(self, state: DecodeState, rows: DecodeState, slots: Sequence[int]
                   ) -> DecodeState:

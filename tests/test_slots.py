@@ -27,9 +27,10 @@ def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1,
       if owner[s] is None and pending and pending[0] * stagger <= step:
         j = pending.pop(0)
         prompt, seed, _ = jobs[j]
-        row = eng.prefill_row(tok.encode(prompt), engine.row_keys([seed])[0],
-                              capacity=eng.positions(capacity), positions=eng.positions(bucket))
-        state = eng.insert(state, row, s)
+        row = eng.prefill_row_batch([tok.encode(prompt)], engine.row_keys([seed]),
+                                    capacity=eng.positions(capacity),
+                                    positions=eng.positions(bucket))
+        state = eng.insert_rows(state, row, [s])
         owner[s] = j
     rows = eng.slot_rows([None if o is None else jobs[o][2] for o in owner])
     state, toks, _ = eng.step_slots(state, rows, sampler, steps)
