@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from calm import sampling
-from calm.errors import CalmError
+from calm.errors import CalmError, SettingError
 from calm.models.transformer import KVCache
 from calm.sampling import ChunkSampler
 
@@ -296,40 +296,50 @@ def _retire(st: DecodeState) -> DecodeState:
   return dataclasses.replace(st, done_B=jnp.ones_like(st.done_B))
 
 
-def _slot_steps(advance, st: DecodeState, live_B: jax.Array, steps: int
+def _slot_steps(advance, st: DecodeState, live_B: jax.Array, steps: int, span: int
                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
   """`steps` decode steps of every slot in one program (`advance(st) → (st, tokens_BX,
-  draws_B)`) → (state, tokens [B, steps·X] in order, draws summed)."""
+  draws_B)`) → (state, tokens [B, steps·X] in order, draws summed). The steps read and write
+  the first `span` cache positions only (every live row's length + steps must fit there)."""
+  full = st.cache
+  if span < full.max_len:
+    st = dataclasses.replace(st, cache=KVCache(full.k[:, :, :span], full.v[:, :, :span],
+                                               full.length))
 
   def body(st, _):
     new, toks_BX, draws_B = advance(dataclasses.replace(st, done_B=~live_B))
     return _settle(st, new, live_B), (toks_BX, draws_B)
 
   st, (toks_SBX, draws_SB) = jax.lax.scan(body, st, None, length=steps)
+  if span < full.max_len:
+    st = dataclasses.replace(st, cache=KVCache(full.k.at[:, :, :span].set(st.cache.k),
+                                               full.v.at[:, :, :span].set(st.cache.v),
+                                               st.cache.length))
   B = toks_SBX.shape[1]
   return st, jnp.moveaxis(toks_SBX, 0, 1).reshape(B, -1), draws_SB.sum(axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=_CALM_STATIC[:2] + (
-    "num_candidates", "max_attempts", "draws_per_step", "eos_id", "pad_id", "steps"),
+    "num_candidates", "max_attempts", "draws_per_step", "eos_id", "pad_id", "steps", "span"),
                    donate_argnames="st")
 def _calm_slots_step_jit(calm_def, calm_state, ae_def, ae_state, st, rows, *, num_candidates,
-                         max_attempts, draws_per_step, eos_id, pad_id, steps):
+                         max_attempts, draws_per_step, eos_id, pad_id, steps, span):
   calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
   choose = lambda h_BD, keys_B: sampling.next_chunk_rows(
       calm, ae, h_BD, keys_B, rows, num_candidates=num_candidates, max_attempts=max_attempts,
       draws_per_step=draws_per_step)
   advance = lambda st: _calm_advance(calm, st, choose, eos_id, pad_id)
-  return _slot_steps(advance, st, rows.live_B, steps)
+  return _slot_steps(advance, st, rows.live_B, steps, span)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "top_k", "eos_id", "pad_id", "steps"),
+@functools.partial(jax.jit, static_argnames=("model_def", "top_k", "eos_id", "pad_id", "steps",
+                                             "span"),
                    donate_argnames="st")
-def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id, steps):
+def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id, steps, span):
   model = nnx.merge(model_def, state)
   choose = lambda logits_BV, keys_B: sampling.next_token_rows(logits_BV, keys_B, rows, top_k)
   advance = lambda st: _ar_advance(model, st, choose, eos_id, pad_id)
-  return _slot_steps(advance, st, rows.live_B, steps)
+  return _slot_steps(advance, st, rows.live_B, steps, span)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,18 +422,21 @@ class Engine:
     """Raises CalmError naming the field if this model cannot sample with `settings`."""
     t, p = settings.temperature, settings.top_p
     if not (0.0 <= t <= self.max_temperature):
-      raise CalmError(f"temperature must be in [0, {self.max_temperature:g}], got {t}")
+      raise SettingError("temperature",
+                         f"temperature must be in [0, {self.max_temperature:g}], got {t}")
     if not (0.0 < p <= 1.0):
-      raise CalmError(f"top_p must be in (0, 1], got {p}")
+      raise SettingError("top_p", f"top_p must be in (0, 1], got {p}")
     if settings.sampler not in ("exact", "batch"):
-      raise CalmError(f"sampler must be exact or batch, got {settings.sampler!r}")
+      raise SettingError("sampler", f"sampler must be exact or batch, got {settings.sampler!r}")
 
-  def step_slots(self, state: DecodeState, rows, sampler: Any, steps: int = 1
-                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+  def step_slots(self, state: DecodeState, rows, sampler: Any, steps: int = 1,
+                 span: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
     """`steps` decode steps of every slot at its own settings, in one program (`rows` from
     `slot_rows`; `sampler` gives what is fixed for all slots) → (state, tokens [slots,
     steps·tokens_per_step], draws); `state` is donated. A slot's tokens depend on its own
-    prompt, key and settings only (not on `steps`)."""
+    prompt, key and settings only (not on `steps` or `span`). `span`: the cache positions the
+    steps read and write (default: all); every live slot's length + `steps` must fit in it,
+    and attention then costs `span`, not the whole cache."""
     raise NotImplementedError
 
   def _check(self, prompts, keys_B, max_new_tokens: int) -> None:
@@ -494,15 +507,15 @@ class CalmEngine(Engine):
   def check_settings(self, settings):
     super().check_settings(settings)
     if settings.top_p != 1.0:
-      raise CalmError("top_p: CALM draws whole chunks from a continuous head and has no token "
-                      "distribution to truncate; leave top_p at 1 (use temperature)")
+      raise SettingError("top_p", "top_p: CALM draws whole chunks from a continuous head and has "
+                         "no token distribution to truncate; leave top_p at 1 (use temperature)")
 
-  def step_slots(self, state, rows, sampler=ChunkSampler(), steps=1):
+  def step_slots(self, state, rows, sampler=ChunkSampler(), steps=1, span=None):
     return _calm_slots_step_jit(
         self.calm_def, self.calm_state, self.ae_def, self.ae_state, state, rows,
         num_candidates=sampler.num_candidates, max_attempts=sampler.max_attempts,
         draws_per_step=sampler.draws_per_step or SLOT_DRAWS_PER_STEP, eos_id=self.eos_id,
-        pad_id=self.pad_id, steps=steps)
+        pad_id=self.pad_id, steps=steps, span=_span(state, span))
 
   def decode_step(self, state, sampler=ChunkSampler()):
     return _calm_step_jit(self.calm_def, self.calm_state, self.ae_def, self.ae_state, state,
@@ -553,13 +566,25 @@ class AREngine(Engine):
     return sampling.TokenRows.build([None if s is None else (s.temperature, s.top_p)
                                      for s in settings])
 
-  def step_slots(self, state, rows, sampler=TokenSampler(), steps=1):
+  def step_slots(self, state, rows, sampler=TokenSampler(), steps=1, span=None):
     return _ar_slots_step_jit(self.model_def, self.state, state, rows, top_k=int(sampler.top_k),
-                              eos_id=self.eos_id, pad_id=self.pad_id, steps=steps)
+                              eos_id=self.eos_id, pad_id=self.pad_id, steps=steps,
+                              span=_span(state, span))
 
   def decode_step(self, state, sampler=TokenSampler()):
     traced, static = self._args(sampler)
     return _ar_step_jit(self.model_def, self.state, state, *traced, **static)
+
+
+def _span(state: DecodeState, span: int | None) -> int:
+  """`span` cache positions (a static argument: one compilation each), the whole cache by
+  default."""
+  cap = state.cache.max_len
+  if span is None:
+    return cap
+  if not 1 <= span <= cap:
+    raise CalmError(f"span {span} is not within the cache's 1..{cap} positions")
+  return int(span)
 
 
 # ----------------------------------------------------------------------------- one call

@@ -24,6 +24,14 @@ class CheckpointError(CalmError):
   """Missing, corrupt or incompatible checkpoint."""
 
 
+class SettingError(CalmError):
+  """A sampler setting the model cannot use; `field` names it (temperature, top_p, sampler)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
   """Wraps an entry point: CalmError → `error: ...` on stderr and exit code 2."""
 

@@ -13,13 +13,16 @@ PROMPTS = ["The old man", "It was", "A", "She said that the King of the land had
            "Once upon a time there", "Why?"]
 
 
-def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1, steps=1):
+def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1, steps=1,
+              spans=()):
   """Decodes `jobs` [(prompt, seed, RowSettings)] through `num_slots` slots, admitting job j
-  no earlier than step j·stagger into the first free slot → new tokens per job."""
+  no earlier than step j·stagger into the first free slot → new tokens per job. `spans`: the
+  attention spans (cache positions) a call may use, the smallest that holds every live row."""
   eng, tok = r.engine, r.tokenizer
   sampler = r.stage.sampler(r.config.sampling)
   state = eng.slots(num_slots, eng.positions(capacity))
   owner: list = [None] * num_slots
+  filled = [0] * num_slots
   out = {j: [] for j in range(len(jobs))}
   pending, step = list(range(len(jobs))), 0
   while pending or any(o is not None for o in owner):
@@ -32,8 +35,13 @@ def run_slots(r, jobs, *, num_slots, max_new, capacity=32, bucket=16, stagger=1,
                                     positions=eng.positions(bucket))
         state = eng.insert_rows(state, row, [s])
         owner[s] = j
+        filled[s] = eng.positions(bucket)
     rows = eng.slot_rows([None if o is None else jobs[o][2] for o in owner])
-    state, toks, _ = eng.step_slots(state, rows, sampler, steps)
+    live = [s for s in range(num_slots) if owner[s] is not None]
+    span = next((b for b in spans if b >= max(filled[s] for s in live) + steps), None)
+    for s in live:
+      filled[s] += steps
+    state, toks, _ = eng.step_slots(state, rows, sampler, steps, span)
     toks = np.asarray(toks)
     for s, j in enumerate(owner):
       if j is None:
@@ -98,7 +106,10 @@ def test_slot_count_position_and_steps_per_call_do_not_change_a_request(slotted,
   a = run_slots(r, jobs, num_slots=4, max_new=8, stagger=0)
   b = run_slots(r, jobs[::-1], num_slots=2, max_new=8, stagger=2)[::-1]
   c = run_slots(r, jobs, num_slots=3, max_new=8, steps=3)  # 3 steps per call
-  assert a == b == c
+  # attention over only the positions the live rows fill: spans just above the prompt bucket
+  p = r.engine.positions(16)
+  d = run_slots(r, jobs, num_slots=3, max_new=8, steps=2, spans=(p + 2, p + 4))
+  assert a == b == c == d
 
 
 def test_greedy_ar_is_the_most_likely_token(slotted):

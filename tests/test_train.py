@@ -264,11 +264,11 @@ def test_tiny_autoencoder_overfits_real_text_to_full_reconstruction(heldout_bloc
 
 def test_ar_baseline_beats_unigram_entropy(heldout_blocks):
   cfg, blocks = heldout_blocks
-  blocks = blocks[:64]
+  blocks = blocks[:16]
   counts = np.bincount(blocks.ravel(), minlength=cfg.model.vocab_size).astype(np.float64)
   p = counts[counts > 0] / counts.sum()
   unigram_entropy = float(-(p * np.log(p)).sum())
-  _, hist = _fit(cfg, "ar", jnp.asarray(blocks), 300, 3e-3)
+  _, hist = _fit(cfg, "ar", jnp.asarray(blocks), 60, 3e-3)  # 2.7 nats below it at 60 steps
   assert np.mean(hist[-10:]) < unigram_entropy - 1.0, (hist[-10:], unigram_entropy)
 
 

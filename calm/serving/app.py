@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from calm.engine import RowSettings
-from calm.errors import CalmError
+from calm.errors import SettingError
 from calm.serving import protocol
 from calm.serving.protocol import ApiError
 from calm.serving.scheduler import Choice, QueueFull, Scheduler
@@ -74,8 +74,8 @@ def _choices(state: ServerState, req: protocol.CompletionRequest, emit_for) -> l
   settings = RowSettings(req.temperature, req.top_p, req.sampler)
   try:
     sched.engine.check_settings(settings)
-  except CalmError as e:
-    raise ApiError(400, str(e), "temperature" if "temperature" in str(e) else None)
+  except SettingError as e:
+    raise ApiError(400, str(e), e.field)
   base = req.seed if req.seed is not None else sched.new_seed()
   out = []
   for p, text in enumerate(req.prompts):

@@ -1,11 +1,12 @@
 """Continuous batching: a fixed set of decode slots on the generation engine, compiled once.
 
-One thread owns the device. Between decode calls it prefills waiting choices (each alone, its
-prompt padded to a length bucket) into free slots; every call runs `steps_per_call` decode
-steps of all slots in one program, each slot at its own temperature / sampler / seed; a choice
-that ends (EOS, max_tokens, a stop string) or is cancelled frees its slot after that call. Call
-n+1 is dispatched before call n's tokens are read back, so the host's text work overlaps the
-device's next call.
+One thread owns the device. Between decode calls it prefills the waiting choices together
+(their prompts padded to a length bucket) into free slots; every call runs `steps_per_call`
+decode steps of all slots in one program, each slot at its own temperature / sampler / seed,
+with attention over only the cache positions the live slots can have filled (a span bucket); a
+choice that ends (EOS, max_tokens, a stop string) or is cancelled frees its slot after that
+call. Call n+1 is dispatched before call n's tokens are read back, so the host's text work
+overlaps the device's next call.
 """
 
 from __future__ import annotations
@@ -99,18 +100,22 @@ class Scheduler:
   callbacks run on the decode thread."""
 
   def __init__(self, run, *, slots: int, max_queue: int, buckets: tuple[int, ...] = (),
-               steps_per_call: int = 4):
+               steps_per_call: int = 4, spans: tuple[int, ...] | None = None):
     self.run, self.engine, self.tokenizer = run, run.engine, run.tokenizer
     self.sampler = run.stage.sampler(run.config.sampling)  # the fixed part of every slot
     self.context = run.config.data.block_tokens
     self.capacity = self.engine.positions(self.context) + 1  # + a CALM prompt's left padding
     self.buckets = tuple(sorted({min(b, self.capacity) for b in buckets} | {self.capacity})) \
         if buckets else _buckets(self.capacity)
+    # attention spans of a decode call: it reads only the cache positions the live slots fill
+    self.spans = tuple(sorted({min(b, self.capacity) for b in spans} | {self.capacity})) \
+        if spans is not None else _spans(self.capacity)
     # prefill batch sizes: the choices admitted together are prefilled in one call
     self.batches = tuple(sorted({min(4**i, slots) for i in range(8) if 4**i < slots} | {slots}))
     self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
     self.metrics = Metrics()
     self.owner: list[Choice | None] = [None] * slots
+    self.filled = [0] * slots  # cache positions each slot's row may hold (an upper bound)
     self.queue: collections.deque[Choice] = collections.deque()
     self._cv = threading.Condition()
     self._stop = False
@@ -131,9 +136,10 @@ class Scheduler:
             capacity=self.capacity, positions=b)
         self.state = self.engine.insert_rows(self.state, rows, list(range(n)))
     rows = self.engine.slot_rows([RowSettings()] + [None] * (self.num_slots - 1))
-    self.state, toks, _ = self.engine.step_slots(self.state, rows, self.sampler,
-                                                 self.steps_per_call)
-    np.asarray(toks)
+    for span in self.spans:
+      self.state, toks, _ = self.engine.step_slots(self.state, rows, self.sampler,
+                                                   self.steps_per_call, span)
+      np.asarray(toks)
     self.state = self.engine.slots(self.num_slots, self.capacity)
     return time.perf_counter() - t0
 
@@ -220,6 +226,8 @@ class Scheduler:
                                          positions=positions)
     slots = [s for s, _ in admit] + [self.num_slots] * pad  # past the end: dropped
     self.state = self.engine.insert_rows(self.state, rows, slots)
+    for s, _ in admit:
+      self.filled[s] = positions
     self.metrics.prompt(sum(len(c.prompt_ids) for _, c in admit))
 
   def _step(self):
@@ -227,8 +235,13 @@ class Scheduler:
     if tuple(map(id, owners)) != self._rows_for:
       self._rows = self.engine.slot_rows([None if o is None else o.settings for o in owners])
       self._rows_for = tuple(map(id, owners))
+    live = [s for s, o in enumerate(owners) if o is not None]
+    need = max(self.filled[s] for s in live) + self.steps_per_call
+    span = next((b for b in self.spans if b >= need), self.capacity)
+    for s in live:
+      self.filled[s] += self.steps_per_call
     self.state, toks, _ = self.engine.step_slots(self.state, self._rows, self.sampler,
-                                                 self.steps_per_call)
+                                                 self.steps_per_call, span)
     return toks, owners
 
   def _deliver(self, toks, owners) -> None:
@@ -267,6 +280,16 @@ class Scheduler:
       if c.finish is None:
         c.finish = "error"
         c.emit(message, "error")
+
+
+def _spans(capacity: int) -> tuple[int, ...]:
+  """Decode attention spans: powers of two from 16 at most 0.8× the capacity, and the capacity
+  (a span close to the capacity would save little for its compilation)."""
+  out, b = [], 16
+  while b * 5 <= capacity * 4:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (capacity,)
 
 
 def _buckets(capacity: int) -> tuple[int, ...]:
