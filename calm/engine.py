@@ -130,6 +130,26 @@ def row_keys(seeds: Sequence[int] | jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- CALM
 
 
+class GraphDef:
+  """A module's graph definition as a static jit argument, hashed once (a GraphDef's own hash
+  walks the whole graph: milliseconds on every call of a decode step)."""
+
+  __slots__ = ("graphdef", "_hash")
+
+  def __init__(self, graphdef):
+    self.graphdef, self._hash = graphdef, hash(graphdef)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return self is other or (isinstance(other, GraphDef) and self._hash == other._hash
+                             and self.graphdef == other.graphdef)
+
+  def merge(self, state):
+    return nnx.merge(self.graphdef, state)
+
+
 def _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, capacity: int) -> DecodeState:
   B = prompt_BSK.shape[0]
   cache = calm.init_cache(B, capacity)
@@ -162,12 +182,12 @@ _CALM_STATIC = ("calm_def", "ae_def", "sampler", "eos_id", "pad_id")
 
 @functools.partial(jax.jit, static_argnames=("calm_def", "capacity"))
 def _calm_prefill_jit(calm_def, calm_state, prompt_BSK, chunks_B, keys_B, *, capacity):
-  return _calm_prefill(nnx.merge(calm_def, calm_state), prompt_BSK, chunks_B, keys_B, capacity)
+  return _calm_prefill(calm_def.merge(calm_state), prompt_BSK, chunks_B, keys_B, capacity)
 
 
 @functools.partial(jax.jit, static_argnames=_CALM_STATIC)
 def _calm_step_jit(calm_def, calm_state, ae_def, ae_state, st, *, sampler, eos_id, pad_id):
-  return _calm_step(nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state), st, sampler,
+  return _calm_step(calm_def.merge(calm_state), ae_def.merge(ae_state), st, sampler,
                     eos_id, pad_id)
 
 
@@ -175,7 +195,7 @@ def _calm_step_jit(calm_def, calm_state, ae_def, ae_state, st, *, sampler, eos_i
 def _calm_generate(calm_def, calm_state, ae_def, ae_state, prompt_BSK, chunks_B, keys_B, *,
                    max_chunks: int, sampler: ChunkSampler, eos_id: int, pad_id: int,
                    stream: bool = False):
-  calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
+  calm, ae = calm_def.merge(calm_state), ae_def.merge(ae_state)
   B, S, K = prompt_BSK.shape
   st = _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, S + max_chunks)
 
@@ -233,12 +253,12 @@ _AR_STATIC = ("model_def", "top_k", "nucleus", "eos_id", "pad_id")
 
 @functools.partial(jax.jit, static_argnames=("model_def", "capacity"))
 def _ar_prefill_jit(model_def, state, prompt_BT, lens_B, keys_B, *, capacity):
-  return _ar_prefill(nnx.merge(model_def, state), prompt_BT, lens_B, keys_B, capacity)
+  return _ar_prefill(model_def.merge(state), prompt_BT, lens_B, keys_B, capacity)
 
 
 @functools.partial(jax.jit, static_argnames=_AR_STATIC)
 def _ar_step_jit(model_def, state, st, temperature, top_p, *, top_k, nucleus, eos_id, pad_id):
-  return _ar_step(nnx.merge(model_def, state), st, temperature, top_p, top_k, nucleus, eos_id,
+  return _ar_step(model_def.merge(state), st, temperature, top_p, top_k, nucleus, eos_id,
                   pad_id)
 
 
@@ -246,7 +266,7 @@ def _ar_step_jit(model_def, state, st, temperature, top_p, *, top_k, nucleus, eo
 def _ar_generate(model_def, state, prompt_BT, lens_B, keys_B, temperature, top_p, *,
                  max_new: int, top_k: int, nucleus: bool, eos_id: int, pad_id: int,
                  stream: bool = False):
-  model = nnx.merge(model_def, state)
+  model = model_def.merge(state)
   B, T = prompt_BT.shape
   st = _ar_prefill(model, prompt_BT, lens_B, keys_B, T + max_new)
 
@@ -324,7 +344,7 @@ def _slot_steps(advance, st: DecodeState, live_B: jax.Array, steps: int, span: i
                    donate_argnames="st")
 def _calm_slots_step_jit(calm_def, calm_state, ae_def, ae_state, st, rows, *, num_candidates,
                          max_attempts, draws_per_step, eos_id, pad_id, steps, span):
-  calm, ae = nnx.merge(calm_def, calm_state), nnx.merge(ae_def, ae_state)
+  calm, ae = calm_def.merge(calm_state), ae_def.merge(ae_state)
   choose = lambda h_BD, keys_B: sampling.next_chunk_rows(
       calm, ae, h_BD, keys_B, rows, num_candidates=num_candidates, max_attempts=max_attempts,
       draws_per_step=draws_per_step)
@@ -336,7 +356,7 @@ def _calm_slots_step_jit(calm_def, calm_state, ae_def, ae_state, st, rows, *, nu
                                              "span"),
                    donate_argnames="st")
 def _ar_slots_step_jit(model_def, state, st, rows, *, top_k, eos_id, pad_id, steps, span):
-  model = nnx.merge(model_def, state)
+  model = model_def.merge(state)
   choose = lambda logits_BV, keys_B: sampling.next_token_rows(logits_BV, keys_B, rows, top_k)
   advance = lambda st: _ar_advance(model, st, choose, eos_id, pad_id)
   return _slot_steps(advance, st, rows.live_B, steps, span)
@@ -454,8 +474,9 @@ class CalmEngine(Engine):
   def __init__(self, calm, ae, *, eos_id: int, pad_id: int):
     super().__init__(eos_id=eos_id, pad_id=pad_id)
     self.tokens_per_step = calm.chunk_size
-    self.calm_def, self.calm_state = nnx.split(calm)
-    self.ae_def, self.ae_state = nnx.split(ae)
+    calm_def, self.calm_state = nnx.split(calm)
+    ae_def, self.ae_state = nnx.split(ae)
+    self.calm_def, self.ae_def = GraphDef(calm_def), GraphDef(ae_def)
 
   def _prompt(self, prompts, positions: int = 0):
     """Prompts as chunks [B, S, K] (right-padded to `positions` chunks) and chunks per row."""
@@ -527,7 +548,8 @@ class AREngine(Engine):
 
   def __init__(self, model, *, eos_id: int, pad_id: int):
     super().__init__(eos_id=eos_id, pad_id=pad_id)
-    self.model_def, self.state = nnx.split(model)
+    model_def, self.state = nnx.split(model)
+    self.model_def = GraphDef(model_def)
 
   def _args(self, sampler: TokenSampler) -> tuple[tuple, dict]:
     traced = (jnp.float32(sampler.temperature), jnp.float32(sampler.top_p))
