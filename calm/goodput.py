@@ -53,14 +53,15 @@ def _listen() -> None:
 
 def process_start_time() -> float:
   """When this process started (seconds since the epoch): from /proc on Linux, else the time
-  this module was imported."""
+  this module was imported. The age comes from the seconds since boot in /proc/uptime (10 ms
+  resolution), not from /proc/stat's boot time, which is rounded to whole seconds."""
   try:
     with open("/proc/self/stat") as f:
       ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in ticks
-    with open("/proc/stat") as f:
-      boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-  except (OSError, ValueError, IndexError, StopIteration):
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return time.time() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+  except (OSError, ValueError, IndexError):
     return _IMPORTED
 
 

@@ -66,6 +66,19 @@ def test_a_starved_input_pipeline_is_named_once(tmp_path, capsys):
   assert "data.workers" in out and "calm-prepare" in out
 
 
+def test_process_start_time_is_when_the_process_started():
+  """Within the 10 ms of /proc's clocks (it was once off by up to a second: /proc/stat's boot
+  time is rounded to whole seconds)."""
+  t0 = time.time()
+  r = subprocess.run([sys.executable, "-c",
+                      "from calm import goodput; print(repr(goodput.process_start_time()))"],
+                     env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  t1 = time.time()
+  assert r.returncode == 0, r.stderr[-2000:]
+  started = float(r.stdout.split()[-1])
+  assert t0 - 0.03 <= started <= t1 and started < t0 + 0.5 * (t1 - t0), (t0, started, t1)
+
+
 def _train_rows(run_dir) -> list[int]:
   rows = metrics.read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() \
       else []
