@@ -127,9 +127,6 @@ def row_keys(seeds: Sequence[int] | jax.Array) -> jax.Array:
   return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
-# ----------------------------------------------------------------------------- CALM
-
-
 class GraphDef:
   """A module's graph definition as a static jit argument, hashed once (a GraphDef's own hash
   walks the whole graph: milliseconds on every call of a decode step)."""
@@ -148,6 +145,9 @@ class GraphDef:
 
   def merge(self, state):
     return nnx.merge(self.graphdef, state)
+
+
+# ----------------------------------------------------------------------------- CALM
 
 
 def _calm_prefill(calm, prompt_BSK, chunks_B, keys_B, capacity: int) -> DecodeState:
