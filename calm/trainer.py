@@ -361,8 +361,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
     if s.ae_dir is not None:
       run.check_tokenizer(tokenizer, checkpoint.read_metadata(s.ae_dir)[1],
                           f"the autoencoder {s.ae_dir}")
-    if checkpoint.has_checkpoint(run_dir):
-      run.check_tokenizer(tokenizer, checkpoint.read_metadata(run_dir)[1], f"the run {run_dir}")
+    own = checkpoint.read_metadata(run_dir)[1] if checkpoint.has_checkpoint(run_dir) else None
+    if own is not None:
+      run.check_tokenizer(tokenizer, own, f"the run {run_dir}")
     it = data.make_train_iterator(cfg, tokenizer, run_dir, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     eval_blocks = _eval_blocks(cfg, tokenizer, run_dir)
@@ -374,8 +375,7 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
             "tokenizer_fingerprint": tokenizer.fingerprint}
     # a resumed run keeps the record of the backbone it started from (the source is not read
     # again)
-    source = (s.init_backbone if fresh
-              else checkpoint.read_metadata(run_dir)[1].get("init_backbone"))
+    source = s.init_backbone if fresh else (own or {}).get("init_backbone")
     if source:
       meta["init_backbone"] = source
     ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)

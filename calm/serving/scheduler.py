@@ -105,11 +105,12 @@ class Scheduler:
     self.sampler = run.stage.sampler(run.config.sampling)  # the fixed part of every slot
     self.context = run.config.data.block_tokens
     self.capacity = self.engine.positions(self.context) + 1  # + a CALM prompt's left padding
-    self.buckets = tuple(sorted({min(b, self.capacity) for b in buckets} | {self.capacity})) \
-        if buckets else _buckets(self.capacity)
-    # attention spans of a decode call: it reads only the cache positions the live slots fill
-    self.spans = tuple(sorted({min(b, self.capacity) for b in spans} | {self.capacity})) \
-        if spans is not None else _spans(self.capacity)
+    # prefill lengths: powers of two from 8 below the capacity (by default)
+    self.buckets = _ladder(buckets or None, self.capacity, first=8, most=self.capacity - 1)
+    # attention spans of a decode call: it reads only the cache positions the live slots fill;
+    # powers of two from 16 up to 0.8× the capacity (by default: a span close to the capacity
+    # would save little for its compilation)
+    self.spans = _ladder(spans, self.capacity, first=16, most=self.capacity * 4 // 5)
     # prefill batch sizes: the choices admitted together are prefilled in one call
     self.batches = tuple(sorted({min(4**i, slots) for i in range(8) if 4**i < slots} | {slots}))
     self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
@@ -127,7 +128,8 @@ class Scheduler:
   # --------------------------------------------------------------------------- public
 
   def warm_up(self) -> float:
-    """Compiles every prefill bucket, the insert and the step before serving → seconds."""
+    """Compiles every prefill bucket and batch size, the insert and the step at every span
+    before serving → seconds."""
     t0 = time.perf_counter()
     for n in self.batches:
       for b in self.buckets:
@@ -282,20 +284,14 @@ class Scheduler:
         c.emit(message, "error")
 
 
-def _spans(capacity: int) -> tuple[int, ...]:
-  """Decode attention spans: powers of two from 16 at most 0.8× the capacity, and the capacity
-  (a span close to the capacity would save little for its compilation)."""
-  out, b = [], 16
-  while b * 5 <= capacity * 4:
-    out.append(b)
-    b *= 2
-  return tuple(out) + (capacity,)
-
-
-def _buckets(capacity: int) -> tuple[int, ...]:
-  """Prefill lengths: powers of two from 8 below the capacity, and the capacity."""
-  out, b = [], 8
-  while b < capacity:
+def _ladder(given: tuple[int, ...] | None, capacity: int, *, first: int, most: int
+            ) -> tuple[int, ...]:
+  """Sorted cache lengths ending at `capacity`: `given` (capped at it), or by default the powers
+  of two from `first` up to `most`."""
+  if given is not None:
+    return tuple(sorted({min(b, capacity) for b in given} | {capacity}))
+  out, b = [], first
+  while b <= most:
     out.append(b)
     b *= 2
   return tuple(out) + (capacity,)
