@@ -21,7 +21,7 @@ from calm import (checkpoint, compile_cache, config, data, distributed, goodput,
                   paths, rng, run, sharding, stages, warm_start)
 from calm.config import Config
 from calm.models import attention
-from calm.errors import CalmError, ConfigError
+from calm.errors import CalmError, CheckpointError, ConfigError
 
 
 def make_optimizer(t: config.TrainConfig) -> optax.GradientTransformation:
@@ -152,7 +152,9 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   allocated, and no trained autoencoder is needed (`Setup.lower().compile()` then analyses the
   step). `autoencoder=(graphdef, params)` supplies the calm stage's frozen autoencoder instead of
   loading `train.autoencoder`. A `fresh` run (not one about to resume from its own checkpoint)
-  with `train.init_backbone` gets that run's backbone copied in (`calm.warm_start`).
+  with `train.init_backbone` gets that run's backbone copied in (`calm.warm_start`); a run that
+  is not fresh gets abstract parameters and optimizer state (nothing is initialised) for its
+  checkpoint to be restored into.
   """
   stage = stages.get_stage(cfg)
   stage.validate(cfg.model)
@@ -171,7 +173,7 @@ def setup(cfg: Config, *, mesh: jax.sharding.Mesh | None = None, abstract: bool 
   tx = make_optimizer(cfg.train)
   build = lambda: stages.build_model(cfg)
   ae_graphdef = ae_params = ae_dir = None
-  if abstract:
+  if abstract or not fresh:  # a resuming run's state comes from its checkpoint: shapes suffice
     graphdef, params = sharding.abstract_state(build, mesh)
     opt_state = _abstract_opt_state(tx, params, mesh)
   else:
@@ -381,6 +383,9 @@ def _train(cfg: Config, run_dir: pathlib.Path, info, *, max_steps: int | None,
     ckpt = checkpoint.Checkpointer(run_dir, cfg.checkpoint, metadata=meta)
   params, opt_state, start = s.params, s.opt_state, 0
   latest = ckpt.latest_step()
+  if latest is None and not fresh:  # the state is abstract: only a checkpoint can fill it
+    ckpt.close()
+    raise CheckpointError(f"{run_dir}: its checkpoint disappeared while the run was starting")
   if latest is not None:
     try:
       with ledger.phase("checkpoint"):

@@ -130,8 +130,9 @@ def test_calm_eval_logs_reference_lines_and_evaluate_recomputes_them(ae_run, tmp
       np.testing.assert_allclose(energy[k], last[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_ar_stage_resumes_exactly_after_sigkill(tmp_path):
-  """Straight 2N steps == N steps, SIGKILL, resume to 2N: same losses, data order and params."""
+def test_ar_stage_resumes_exactly_after_sigkill(tmp_path, monkeypatch):
+  """Straight 2N steps == N steps, SIGKILL, resume to 2N: same losses, data order and params;
+  the resumed launch restores into abstract state (initialises nothing first)."""
   n = 3
   common = ("stage=ar", f"train.steps={2 * n}", f"checkpoint.every={n}", "data.eval=",
             "train.log_every=1")
@@ -149,6 +150,12 @@ def test_ar_stage_resumes_exactly_after_sigkill(tmp_path):
   r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == -9, r.stderr[-2000:]
+
+  def no_init(*args, **kwargs):
+    raise AssertionError("the resumed launch initialised state it then restores")
+
+  monkeypatch.setattr(sharding, "sharded_init", no_init)
+  monkeypatch.setattr(sharding, "init_opt_state", no_init)
   resumed = trainer.train(tiny(killed, *common), progress=False)
   assert [h["step"] for h in resumed.history] == list(range(n + 1, 2 * n + 1))
   np.testing.assert_array_equal([h["loss"] for h in resumed.history],
