@@ -360,3 +360,44 @@ def test_int8_weights_serve(tiny_runs):
     res = loadgen.request(b.url, body(seed=4))
   assert res.status == 200 and res.complete
   assert res.texts == [r.generate("The old man", max_new_tokens=12, seed=4)]
+
+
+class CountingEngine:
+  """An engine whose decode calls are counted."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, 0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def step_slots(self, *args, **kwargs):
+    self.calls += 1
+    return self.inner.step_slots(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["calm", "ar"])
+def test_scheduler_runs_no_call_after_the_last_token(runs, stage):
+  """Requests that end by max_tokens cost exactly the decode calls their tokens need: none is
+  dispatched once every slot's budget is spent (the call after it would be read by nobody)."""
+  from calm.serving.scheduler import Choice, Scheduler
+
+  r = runs[stage]
+  s = Scheduler(r, slots=4, max_queue=8, steps_per_call=2)
+  s.engine = CountingEngine(r.engine)
+  per_call = 2 * r.engine.tokens_per_step
+  done = threading.Semaphore(0)
+  chs = [Choice(r.tokenizer.encode("The old man"), seed=i, settings=engine.RowSettings(),
+                max_tokens=3 * per_call, stops=(), ignore_eos=True,
+                emit=lambda delta, finish: finish is not None and done.release())
+         for i in range(3)]
+  s.start()
+  try:
+    s.submit(chs)
+    for _ in chs:
+      assert done.acquire(timeout=120)
+    time.sleep(0.2)  # a call dispatched after the last delivery would show up here
+  finally:
+    s.close()
+  assert [c.generated for c in chs] == [3 * per_call] * 3
+  assert s.engine.calls == 3

@@ -117,6 +117,7 @@ class Scheduler:
     self.metrics = Metrics()
     self.owner: list[Choice | None] = [None] * slots
     self.filled = [0] * slots  # cache positions each slot's row may hold (an upper bound)
+    self.budget = [0] * slots  # tokens each slot may still produce beyond the calls dispatched
     self.queue: collections.deque[Choice] = collections.deque()
     self._cv = threading.Condition()
     self._stop = False
@@ -207,7 +208,9 @@ class Scheduler:
       try:
         if admit:
           self._prefill(admit)
-        step = self._step() if self.busy else None
+        # a call only while some slot can still produce a token (or nothing is in flight): the
+        # last tokens of a batch are not followed by a call nobody reads
+        step = self._step() if self.busy and (pending is None or self._wanted()) else None
         if pending is not None:
           self._deliver(*pending)
         pending = step
@@ -228,8 +231,8 @@ class Scheduler:
                                          positions=positions)
     slots = [s for s, _ in admit] + [self.num_slots] * pad  # past the end: dropped
     self.state = self.engine.insert_rows(self.state, rows, slots)
-    for s, _ in admit:
-      self.filled[s] = positions
+    for s, c in admit:
+      self.filled[s], self.budget[s] = positions, c.max_tokens
     self.metrics.prompt(sum(len(c.prompt_ids) for _, c in admit))
 
   def _step(self):
@@ -242,9 +245,15 @@ class Scheduler:
     span = next((b for b in self.spans if b >= need), self.capacity)
     for s in live:
       self.filled[s] += self.steps_per_call
+      self.budget[s] -= self.steps_per_call * self.engine.tokens_per_step
     self.state, toks, _ = self.engine.step_slots(self.state, self._rows, self.sampler,
                                                  self.steps_per_call, span)
     return toks, owners
+
+  def _wanted(self) -> bool:
+    """Whether a live slot may still produce tokens after the calls already dispatched."""
+    return any(o is not None and not o.cancelled and self.budget[s] > 0
+               for s, o in enumerate(self.owner))
 
   def _deliver(self, toks, owners) -> None:
     toks = np.asarray(toks)
