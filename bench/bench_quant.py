@@ -186,10 +186,9 @@ def quality_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- TPU bytes
 
 
-def _abstract(build, weights, cache, sharding, auto_layout: bool):
-  """(graphdef, abstract state on `sharding`) of `build()` stored in the given precision; with
-  `auto_layout` the compiler chooses the weights' layouts (as a server storing them once in the
-  layout the step wants), else they are row-major."""
+def _abstract(build, weights, cache, sharding):
+  """(graphdef, abstract state on `sharding`) of `build()` stored in the given precision (the
+  weights' layouts are chosen in `decode_step`)."""
   from flax import nnx
 
   from calm import quantize
@@ -233,12 +232,10 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
   rep = NamedSharding(mesh, P())
   from calm import stages
 
-  gd, st = _abstract(lambda: stages.get_stage(cfg).build(m, nnx.Rngs(0)), weights, cache, rep,
-                     auto_layout)
+  gd, st = _abstract(lambda: stages.get_stage(cfg).build(m, nnx.Rngs(0)), weights, cache, rep)
   keys = _placed(jax.eval_shape(lambda: engine.row_keys(list(range(batch)))), rep)
   if calm_stage:
-    agd, ast = _abstract(lambda: Autoencoder(m, rngs=nnx.Rngs(0)), weights, None, rep,
-                         auto_layout)
+    agd, ast = _abstract(lambda: Autoencoder(m, rngs=nnx.Rngs(0)), weights, None, rep)
     chunks = context // m.chunk_size
     prompt = jax.ShapeDtypeStruct((batch, 1, m.chunk_size), jnp.int32)
     state = jax.eval_shape(lambda st, p, c, k: engine._calm_prefill(
@@ -265,8 +262,13 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
     weight_bytes = _nbytes(st)
   from jax.experimental.layout import Format, Layout
 
-  weight_format = Format(Layout.AUTO, rep) if auto_layout else rep
-  in_shardings = tuple(jax.tree.map(lambda _: weight_format, a) for a in args[:-1]) + (
+  from calm import quantize
+
+  # the weights as `calm.open` stores them (`quantize.place`: int8 matrices in the tiling the
+  # step reads), or in the layouts the compiler chooses
+  weight_format = ((lambda _: Format(Layout.AUTO, rep)) if auto_layout
+                   else (lambda x: quantize.weight_format(x, rep)))
+  in_shardings = tuple(jax.tree.map(weight_format, a) for a in args[:-1]) + (
       jax.tree.map(lambda _: rep, args[-1]),)
   t = time.perf_counter()
   compiled = jax.jit(step, in_shardings=in_shardings, donate_argnums=len(args) - 1).lower(
@@ -276,7 +278,7 @@ def decode_step(name: str, weights: str, cache: str | None, batch: int, device,
   mem = compiled.memory_analysis()
   cache_bytes = _nbytes((state.cache.k, state.cache.v))
   return {"model": name, "weights": weights, "cache": cache or str(m.dtype), "batch": batch,
-          "weight_layout": "auto" if auto_layout else "row-major",
+          "weight_layout": "auto" if auto_layout else "stored",
           "context": context, "bytes_accessed": float(cost["bytes accessed"]),
           "flops": float(cost.get("flops", 0.0)), "weight_bytes": weight_bytes,
           "cache_bytes": cache_bytes, "argument_bytes": mem.argument_size_in_bytes,

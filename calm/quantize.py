@@ -7,7 +7,9 @@ table, per output column of every other matrix), quantised by qwix (`qwix.quanti
 calibration). The model reads a weight as `w[...]` (or a slice of it); an int8 weight gives back
 `qvalue · scale`, so the product runs in the model's compute dtype (`model.dtype`) on weights
 streamed as int8: inside `jax.jit` the dequantisation fuses into the matmul's operand. Vectors
-(norm scales, biases) stay float32. See docs/quantization.md for the measurements.
+(norm scales, biases) stay float32. On a TPU, `place` stores the int8 values once in the memory
+tiling the compiled steps read them in (`weight_format`). See docs/quantization.md for the
+measurements.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from calm.errors import CalmError
 
@@ -28,6 +32,9 @@ _DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
 # Matrices left in float32 by default (regular expressions on the parameter's path): none; the
 # measurements in docs/quantization.md found no layer whose int8 weights cost quality.
 KEEP: tuple[str, ...] = ()
+# The tile a TPU step reads an int8 matrix in when it dequantises it for a bf16 / float32 product
+# (docs/quantization.md); the TPU's default for an int8 array is (32, 128).
+INT8_TILE = (8, 128)
 
 
 def check(weights: str, cache: str | None) -> None:
@@ -112,6 +119,45 @@ def apply(model: nnx.Module, weights: str = "float32", cache: str | None = None,
       if hasattr(module, "cache_dtype"):
         module.cache_dtype = jnp.dtype(_DTYPES[cache])
   return model
+
+
+def _default_layout(shape, dtype, sharding) -> Layout | None:
+  """The layout the platform of `sharding` gives such an array by default (None but on a TPU)."""
+  device = next(iter(sharding.device_set))
+  if device.platform != "tpu":
+    return None
+  return Layout.from_pjrt_layout(device.client.get_default_layout(
+      np.dtype(dtype), sharding.shard_shape(tuple(shape)), device))
+
+
+def weight_format(x, sharding):
+  """Where and how to store the weight leaf `x` (an array or a ShapeDtypeStruct) on `sharding`:
+  `sharding` itself (the platform's default layout) for every leaf but an int8 matrix on a TPU,
+  which gets `Format(layout, sharding)`: the TPU's default dimension order for its shard, in
+  (8, 128) tiles instead of the default (32, 128), the tiling the compiled steps read it in.
+  Stored in the default tiling, every step would first copy each int8 matrix to that tiling (the
+  whole embedding table and LM head per token). Matrices the default does not tile by (32, 128)
+  (a few rows) keep the default."""
+  if x.dtype != jnp.int8 or x.ndim < 2:
+    return sharding
+  default = _default_layout(x.shape, x.dtype, sharding)
+  if default is None or not default.tiling or tuple(default.tiling[0]) != (32, 128):
+    return sharding
+  return Format(default.update(tiling=(INT8_TILE, *default.tiling[1:])), sharding)
+
+
+def place(params):
+  """`params` (a pytree of arrays, e.g. an `nnx.State`) with every int8 matrix moved once to the
+  format `weight_format` chooses; the other leaves, and every leaf off a TPU, are returned as
+  they are. A jitted call takes a committed argument's layout as its input layout, so the
+  engine's steps then read the int8 weights without a per-step copy."""
+  def put(x):
+    if not isinstance(x, jax.Array):
+      return x
+    f = weight_format(x, x.sharding)
+    return x if f is x.sharding else jax.device_put(x, f)
+
+  return jax.tree.map(put, params)
 
 
 def weight_bytes(model: nnx.Module) -> int:

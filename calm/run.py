@@ -430,7 +430,7 @@ def _with_precision(loaded: checkpoint.Loaded, weights: str, cache: str | None
   from calm import quantize
 
   graphdef, params = nnx.split(quantize.apply(loaded.model, weights, cache))
-  return dataclasses.replace(loaded, graphdef=graphdef, params=params)
+  return dataclasses.replace(loaded, graphdef=graphdef, params=quantize.place(params))
 
 
 def check_tokenizer(tokenizer: Tokenizer, metadata: dict, what: str) -> None:

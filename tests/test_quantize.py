@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 import calm
 from calm import config as config_lib
@@ -102,6 +103,38 @@ def test_exact_sampler_on_quantized_stub_heads(kind, weights="int8"):
   q = P ** (1 / T) / np.sum(P ** (1 / T))
   counts = np.bincount(idx, minlength=6)
   assert float(((counts - B * q) ** 2 / (B * q)).sum()) < CHI2_DF5_999
+
+
+def test_int8_matrices_are_stored_in_the_tiling_a_tpu_step_reads(monkeypatch):
+  """On a TPU (its default layouts stood in for here) an int8 matrix keeps the default dimension
+  order and gets (8, 128) tiles instead of (32, 128); other leaves, small int8 matrices and
+  every leaf on another platform keep the platform's default (the sharding itself)."""
+  rep = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  sd = jax.ShapeDtypeStruct
+  int8_3d, int8_2d = sd((768, 12, 64), jnp.int8), sd((32000, 768), jnp.int8)
+  others = [sd((768, 3072), jnp.bfloat16), sd((768, 3072), jnp.float32), sd((768,), jnp.int8),
+            sd((4, 768), jnp.int8)]
+  # on this platform: no change, and `place` hands back the very same arrays
+  assert all(quantize.weight_format(x, rep) is rep for x in (int8_3d, int8_2d, *others))
+  m = quantize.apply(ARModel(tiny("energy", "ar").model, rngs=nnx.Rngs(0)), "int8")
+  st = nnx.state(m, nnx.Param)
+  assert all(a is b for a, b in zip(jax.tree.leaves(quantize.place(st)), jax.tree.leaves(st)))
+
+  tpu_defaults = {(768, 12, 64): (1, 2, 0)}  # the v5e defaults of the int8 arrays above
+
+  def default(shape, dtype, sharding):
+    m2m = tpu_defaults.get(tuple(shape), tuple(range(len(shape))))
+    if len(shape) == 1:
+      return Layout(m2m, ((1024,),))
+    rows = 4 if shape[m2m[-2]] < 32 else 32  # the second-minor dimension's length
+    return Layout(m2m, ((rows, 128), (4, 1)) if dtype == jnp.int8 else ((8, 128), (2, 1)))
+
+  monkeypatch.setattr(quantize, "_default_layout", default)
+  for x, m2m in ((int8_3d, (1, 2, 0)), (int8_2d, (0, 1))):
+    f = quantize.weight_format(x, rep)
+    assert isinstance(f, Format) and f.sharding is rep
+    assert f.layout.major_to_minor == m2m and f.layout.tiling == ((8, 128), (4, 1))
+  assert all(quantize.weight_format(x, rep) is rep for x in others)
 
 
 @pytest.mark.parametrize("stage", ["calm", "ar"])

@@ -18,10 +18,14 @@ from calm.models.layers import (RMSNorm, SwiGLU, compute_dtype, default_init, pa
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys/values of every layer and the number of filled positions per row."""
+  """Keys/values of every layer and the number of filled positions per row.
 
-  k: jax.Array  # [layers, B, max_len, kv_heads, head_dim]
-  v: jax.Array  # [layers, B, max_len, kv_heads, head_dim]
+  A position's heads are stored side by side in one minor axis of kv_heads·head_dim (e.g. 768 =
+  6·128), which a TPU tiles without padding; a compiled decode step then accesses fewer bytes
+  than with separate [kv_heads, head_dim] axes (docs/quantization.md)."""
+
+  k: jax.Array  # [layers, B, max_len, kv_heads·head_dim]
+  v: jax.Array  # [layers, B, max_len, kv_heads·head_dim]
   length: jax.Array  # [B] int32
 
   @property
@@ -35,19 +39,19 @@ class BranchCache:
   """G branches per row that continue one shared prefix cache without copying it.
 
   Branch (b, g) (input row b·G + g) sees slots [0, prefix_len[b, g]) of row b of `prefix`, then
-  its own suffix slots [0, length + t). Memory: the suffix only, [layers, B, G, S, kv, head_dim].
+  its own suffix slots [0, length + t). Memory: the suffix only, [layers, B, G, S, kv·head_dim].
   """
 
   prefix: KVCache  # read only
   prefix_len: jax.Array  # [B, G] int32
-  k: jax.Array  # [layers, B, G, S, kv_heads, head_dim]
+  k: jax.Array  # [layers, B, G, S, kv_heads·head_dim]
   v: jax.Array
   length: jax.Array  # [] int32, suffix slots filled (the same for every branch)
 
   @staticmethod
   def create(prefix: KVCache, prefix_len_BC: jax.Array, suffix_len: int) -> BranchCache:
-    L, B, _, kv, h = prefix.k.shape
-    shape = (L, B, prefix_len_BC.shape[1], suffix_len, kv, h)
+    L, B, _, kv_h = prefix.k.shape
+    shape = (L, B, prefix_len_BC.shape[1], suffix_len, kv_h)
     z = jnp.zeros(shape, prefix.k.dtype)
     return BranchCache(prefix, prefix_len_BC.astype(jnp.int32), z, z, jnp.zeros((), jnp.int32))
 
@@ -59,14 +63,15 @@ def _branch_attention(q_BTHE, k_BTGE, v_BTGE, cache: BranchCache, layer: int):
   kv = k_BTGE.shape[2]
   dt = q_BTHE.dtype
   q = q_BTHE.reshape(B, G, t, kv, n // kv, h)
-  start = (layer, 0, 0, cache.length, 0, 0)
+  start = (layer, 0, 0, cache.length, 0)
   k_all = jax.lax.dynamic_update_slice(
-      cache.k, k_BTGE.reshape(1, B, G, t, kv, h).astype(cache.k.dtype), start)
+      cache.k, k_BTGE.reshape(1, B, G, t, kv * h).astype(cache.k.dtype), start)
   v_all = jax.lax.dynamic_update_slice(
-      cache.v, v_BTGE.reshape(1, B, G, t, kv, h).astype(cache.v.dtype), start)
-  kp_BWGE, vp_BWGE = cache.prefix.k[layer].astype(dt), cache.prefix.v[layer].astype(dt)
-  ks, vs = k_all[layer].astype(dt), v_all[layer].astype(dt)
-  m, s = kp_BWGE.shape[1], ks.shape[2]
+      cache.v, v_BTGE.reshape(1, B, G, t, kv * h).astype(cache.v.dtype), start)
+  m, s = cache.prefix.k.shape[2], k_all.shape[3]
+  kp_BWGE, vp_BWGE = (c[layer].reshape(B, m, kv, h).astype(dt)
+                      for c in (cache.prefix.k, cache.prefix.v))
+  ks, vs = (c[layer].reshape(B, G, s, kv, h).astype(dt) for c in (k_all, v_all))
   prec = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dt == jnp.bfloat16 else None
   scale = 1.0 / float(h) ** 0.5
   pre = jnp.einsum("bgtkrh,bmkh->bgkrtm", q, kp_BWGE, precision=prec,
@@ -112,7 +117,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, kv_cache=None):
     """kv_cache: None (causal self-attention), (k, v, length_B, layer) with k, v the whole
-    [layers, B, max_len, kv_heads, head_dim] buffers, or (BranchCache, layer); returns
+    [layers, B, max_len, kv_heads·head_dim] buffers, or (BranchCache, layer); returns
     (y_BTD, updated (k, v) or None)."""
     dt = self.dtype
     x = x_BTD.astype(dt)
@@ -132,12 +137,14 @@ class Attention(nnx.Module):
       b, t, m = x.shape[0], x.shape[1], k_all.shape[2]
       slots_BT = length_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
       rows_B1 = jnp.arange(b)[:, None]
-      k_all = k_all.at[layer, rows_B1, slots_BT].set(k_BTGE.astype(k_all.dtype), mode="drop")
-      v_all = v_all.at[layer, rows_B1, slots_BT].set(v_BTGE.astype(v_all.dtype), mode="drop")
+      merged = lambda x_BTGE: x_BTGE.reshape(b, t, -1).astype(k_all.dtype)  # heads side by side
+      k_all = k_all.at[layer, rows_B1, slots_BT].set(merged(k_BTGE), mode="drop")
+      v_all = v_all.at[layer, rows_B1, slots_BT].set(merged(v_BTGE), mode="drop")
       # the query in slot length + t sees slots 0 .. length + t
       mask_B1TW = (jnp.arange(m)[None, None, :] <= slots_BT[:, :, None])[:, None]
+      heads = lambda c: c[layer].reshape(b, m, *k_BTGE.shape[2:]).astype(dt)
       out_BTHE = jax.nn.dot_product_attention(
-          q_BTHE, k_all[layer].astype(dt), v_all[layer].astype(dt), mask=mask_B1TW)
+          q_BTHE, heads(k_all), heads(v_all), mask=mask_B1TW)
       new_cache = (k_all, v_all)
     return jnp.einsum("btnh,nhd->btd", out_BTHE, self.o[...].astype(dt)), new_cache
 
@@ -175,7 +182,7 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype: str | jnp.dtype | None = None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions."""
     c = self.cfg
-    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads * c.head_dim)
     dt = compute_dtype(dtype) if dtype is not None else self.cache_dtype
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
 
