@@ -289,7 +289,7 @@ class _IIDChunks:
   def init_cache(self, batch, max_len):
     from calm.models.transformer import KVCache
 
-    z = jnp.zeros((1, batch, max_len, 1, 1))
+    z = jnp.zeros((1, batch, max_len, 1))  # [layers, B, W, kv_heads·head_dim]
     return KVCache(z, z, jnp.zeros((batch,), jnp.int32))
 
   def hidden(self, ids_BSK, *, cache):
