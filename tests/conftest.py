@@ -8,12 +8,6 @@ import tempfile
 # many of the same tiny programs), never the user's ~/.cache (`calm.compile_cache`).
 os.environ.setdefault("CALM_COMPILE_CACHE",
                       os.path.join(tempfile.gettempdir(), "calm-jax-test-compile-cache"))
-# Test programs are tiny and compiled once each: XLA's CPU backend without LLVM optimisation
-# compiles them much faster (tests/test_scale.py from a cold cache: 323 s against 520 s) and
-# runs them fast enough. Inherited by the tests' subprocesses; an explicit setting wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                   "--xla_backend_optimization_level=0"]))
 # The suite is written for 8 fake CPU devices; on a GPU/TPU machine it still runs on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
