@@ -80,8 +80,15 @@ def test_process_start_time_is_when_the_process_started():
 
 
 def _train_rows(run_dir) -> list[int]:
-  rows = metrics.read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() \
-      else []
+  """Steps of the training rows written so far (a line still being written is skipped: this is
+  polled while the trainer appends)."""
+  path = run_dir / "metrics.jsonl"
+  rows = []
+  for line in (path.read_text().splitlines() if path.exists() else []):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      continue
   return [r["step"] for r in rows if "train/loss" in r]
 
 
