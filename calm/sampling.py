@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from calm import temperature as temp_lib
 from calm.errors import CalmError
@@ -165,9 +166,10 @@ class ChunkRows:
         ni, a = temp_lib.split_inverse_temperature(T)
         m, s = (ONE_DRAW if T == 1.0 else EXACT if kind == "exact" else BATCH), 1.0 / T
       mode.append(m), n.append(ni), alpha.append(a), inv.append(s), live.append(r is not None)
-    return ChunkRows(jnp.asarray(mode, jnp.int32), jnp.asarray(n, jnp.int32),
-                     jnp.asarray(alpha, jnp.float32), jnp.asarray(inv, jnp.float32),
-                     jnp.asarray(live, bool))
+    # one transfer from numpy (jnp.asarray of a list dispatches per element)
+    return ChunkRows(*jax.device_put((
+        np.asarray(mode, np.int32), np.asarray(n, np.int32), np.asarray(alpha, np.float32),
+        np.asarray(inv, np.float32), np.asarray(live, bool))))
 
 
 def next_chunk_rows(calm, ae, h_BD: jax.Array, key_B: jax.Array, rows: ChunkRows, *,
@@ -220,8 +222,8 @@ class TokenRows:
   def build(rows: list[tuple[float, float] | None]) -> TokenRows:
     """From (temperature, top_p) per row (None: an empty row)."""
     t, p = zip(*[r if r is not None else (1.0, 1.0) for r in rows])
-    return TokenRows(jnp.asarray(t, jnp.float32), jnp.asarray(p, jnp.float32),
-                     jnp.asarray([r is not None for r in rows], bool))
+    return TokenRows(*jax.device_put((np.asarray(t, np.float32), np.asarray(p, np.float32),
+                                      np.asarray([r is not None for r in rows], bool))))
 
 
 def next_token_rows(logits_BV: jax.Array, key_B: jax.Array, rows: TokenRows, top_k: int = 0

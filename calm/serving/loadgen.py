@@ -113,12 +113,44 @@ def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
   return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
 
 
+class Client:
+  """One client's HTTP/1.1 connection, kept alive between its requests (as client libraries
+  pool theirs); reopened when the server closed it or it sat idle past `idle_s` (the server
+  drops idle keep-alive connections after a few seconds)."""
+
+  def __init__(self, url: str, timeout: float = 300.0, idle_s: float = 2.0):
+    self.url, self.timeout, self.idle_s = url, timeout, idle_s
+    self.conn: http.client.HTTPConnection | None = None
+    self.last = 0.0
+
+  def connect(self) -> http.client.HTTPConnection:
+    if self.conn is not None and time.monotonic() - self.last > self.idle_s:
+      self.close()
+    if self.conn is None:
+      self.conn = _connection(self.url, self.timeout)
+      self.conn.connect()
+    return self.conn
+
+  def done(self, reusable: bool) -> None:
+    """After a request: keep the connection for the next one, or close it."""
+    self.last = time.monotonic()
+    if not reusable:
+      self.close()
+
+  def close(self) -> None:
+    if self.conn is not None:
+      self.conn.close()
+      self.conn = None
+
+
 def request(url: str, body: dict | bytes | None, *, method: str = "POST",
             path: str = "/v1/completions", headers: dict | None = None,
             api_key: str | None = None, timeout: float = 300.0,
-            disconnect_after: int | None = None, kind: str = "valid") -> Result:
+            disconnect_after: int | None = None, kind: str = "valid",
+            client: Client | None = None) -> Result:
   """One request. A streamed body (`"stream": true`) is read event by event; with
-  `disconnect_after=k` the connection is dropped after k events."""
+  `disconnect_after=k` the connection is dropped after k events. With `client`, a valid request
+  goes over its kept-alive connection (anything else over a connection of its own)."""
   h = {"Content-Type": "application/json"}
   if api_key:
     h["Authorization"] = f"Bearer {api_key}"
@@ -126,7 +158,9 @@ def request(url: str, body: dict | bytes | None, *, method: str = "POST",
   h = {k: v for k, v in h.items() if v}
   data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
   stream = isinstance(body, dict) and body.get("stream") is True
-  conn = _connection(url, timeout)
+  keep = client is not None and kind == "valid" and disconnect_after is None
+  conn = client.connect() if keep else _connection(url, timeout)
+  reusable = False
   t0 = time.perf_counter()
   try:
     conn.request(method, path, body=data, headers=h)
@@ -140,6 +174,7 @@ def request(url: str, body: dict | bytes | None, *, method: str = "POST",
       except json.JSONDecodeError:
         obj = {}
       out.body = obj if isinstance(obj, dict) else None
+      reusable = not resp.will_close
       if resp.status != 200:
         out.error = obj.get("error") if isinstance(obj, dict) else None
       elif "choices" in obj:
@@ -163,6 +198,8 @@ def request(url: str, body: dict | bytes | None, *, method: str = "POST",
       payload = line[6:]
       if payload == b"[DONE]":
         done = True
+        resp.read()  # the end of the chunked body: the connection is ready for the next request
+        reusable = not resp.will_close
         break
       obj = json.loads(payload)
       if "error" in obj:
@@ -188,34 +225,52 @@ def request(url: str, body: dict | bytes | None, *, method: str = "POST",
   except (OSError, http.client.HTTPException) as e:
     return Result(kind, 0, time.perf_counter() - t0, error={"message": f"{type(e).__name__}: {e}"})
   finally:
-    conn.close()
+    if keep:
+      client.done(reusable)
+    else:
+      conn.close()
 
 
 def run_load(url: str, make: Callable[[int, random.Random], dict], *, clients: int,
              requests: int, duration_s: float = 1e9, seed: int = 0,
              api_key: str | None = None) -> tuple[list[Result], float]:
   """`clients` threads send requests `make(i, rng)` → {"body", "kind", "disconnect_after", …}
-  until `requests` were sent or `duration_s` passed → (results, wall seconds)."""
+  until `requests` were sent or `duration_s` passed → (results, wall seconds). The clients are
+  started and connected before the clock starts, then released together; each keeps its
+  connection alive between valid requests."""
   lock, counter = threading.Lock(), [0]
-  t0 = time.perf_counter()
+  ready = threading.Barrier(clients + 1)
+  t0 = [0.0]
 
   def worker(w: int) -> list[Result]:
-    rng, out = random.Random(seed * 1000 + w), []
-    while True:
-      with lock:
-        i = counter[0]
-        if i >= requests or time.perf_counter() - t0 > duration_s:
-          return out
-        counter[0] += 1
-      spec = make(i, rng)
-      out.append(request(url, spec.get("body"), method=spec.get("method", "POST"),
-                         path=spec.get("path", "/v1/completions"), headers=spec.get("headers"),
-                         api_key=api_key, kind=spec.get("kind", "valid"),
-                         disconnect_after=spec.get("disconnect_after")))
+    rng, out, client = random.Random(seed * 1000 + w), [], Client(url)
+    try:
+      try:
+        client.connect()
+      except OSError:
+        client.close()  # the first request reports the error
+      ready.wait()
+      while True:
+        with lock:
+          i = counter[0]
+          if i >= requests or time.perf_counter() - t0[0] > duration_s:
+            return out
+          counter[0] += 1
+        spec = make(i, rng)
+        out.append(request(url, spec.get("body"), method=spec.get("method", "POST"),
+                           path=spec.get("path", "/v1/completions"),
+                           headers=spec.get("headers"), api_key=api_key,
+                           kind=spec.get("kind", "valid"),
+                           disconnect_after=spec.get("disconnect_after"), client=client))
+    finally:
+      client.close()
 
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    results = [r for f in [pool.submit(worker, w) for w in range(clients)] for r in f.result()]
-  return results, time.perf_counter() - t0
+    futures = [pool.submit(worker, w) for w in range(clients)]
+    ready.wait()
+    t0[0] = time.perf_counter()
+    results = [r for f in futures for r in f.result()]
+  return results, time.perf_counter() - t0[0]
 
 
 def summary(results: list[Result], wall: float) -> dict:
