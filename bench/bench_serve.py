@@ -72,61 +72,79 @@ def stream_body(i: int, max_tokens: int, ignore_eos: bool = False) -> dict:
 
 
 def throughput(s: Served, clients: int, max_tokens: int, repeats: int = 3) -> dict:
-  """Aggregate tokens/s of `clients` concurrent streaming clients, one request each: the best
-  of `repeats` waves (as the offline figure is the best of its repeats)."""
+  """Aggregate tokens/s of `clients` concurrent streaming clients, one request of `max_tokens`
+  new tokens each (`ignore_eos`: every client gets them all): the best of `repeats` waves (as
+  the offline figure is the best of its repeats)."""
   loadgen.run_load(s.url, lambda i, rng: {"body": stream_body(i, 4)}, clients=clients,
                    requests=clients)  # warm the HTTP path
   waves = []
   for _ in range(repeats):
-    res, wall = loadgen.run_load(s.url, lambda i, rng: {"body": stream_body(i, max_tokens)},
-                                 clients=clients, requests=clients)
+    res, wall = loadgen.run_load(
+        s.url, lambda i, rng: {"body": stream_body(i, max_tokens, ignore_eos=True)},
+        clients=clients, requests=clients)
     waves.append(loadgen.summary(res, wall))
   best = max(waves, key=lambda w: w["tokens_per_s"])
   return {**best, "waves_tokens_per_s": [w["tokens_per_s"] for w in waves]}
 
 
 def offline(run_dir: str, clients: int, max_tokens: int, repeats: int = 3) -> dict:
-  """The offline engine on the same prompts and seeds as one batch → best tokens/s."""
+  """The offline engine on the same prompts and seeds as one batch, every row generating
+  `max_tokens` (an engine that never stops at EOS, as `ignore_eos` on the server) → best
+  tokens/s."""
+  import copy
+
   import calm
   from calm import engine
 
   r = calm.open(run_dir)
+  eng = copy.copy(r.engine)
+  eng.eos_id = -1  # no token id: rows never finish early
   ids = [r.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(clients)]
   keys = engine.row_keys(list(range(clients)))
   sampler = r.stage.sampler(r.config.sampling)
-  r.engine.generate(ids, keys, max_new_tokens=max_tokens, sampler=sampler)  # compile
+  eng.generate(ids, keys, max_new_tokens=max_tokens, sampler=sampler)  # compile
   best = 0.0
   for _ in range(repeats):
     t0 = time.perf_counter()
-    g = r.engine.generate(ids, keys, max_new_tokens=max_tokens, sampler=sampler)
+    g = eng.generate(ids, keys, max_new_tokens=max_tokens, sampler=sampler)
     dt = time.perf_counter() - t0
     tokens = sum(len(t) for t in g.tokens)
     best = max(best, tokens / dt)
   return {"tokens": tokens, "tokens_per_s": best}
 
 
-def head_of_line(s: Served, long_tokens: int, repeats: int = 5) -> dict:
-  """Median time to first token of a 1-token request: idle, then while 15 long requests run."""
+def head_of_line(s: Served, long_tokens: int, repeats: int = 9) -> dict:
+  """Median time to first token of a 1-token request: idle, then while 15 long requests run
+  (a sample counts only if all 15 were still decoding when it was answered)."""
   import threading
 
   one = lambda i: loadgen.request(s.url, stream_body(1000 + i, 1)).ttft
   idle = statistics.median(one(i) for i in range(repeats))
-  busy = []
-  for k in range(repeats):
+  busy, discarded = [], 0
+  for k in range(3 * repeats):
+    if len(busy) == repeats:
+      break
     load = threading.Thread(target=loadgen.run_load, args=(
         s.url, lambda i, rng: {"body": stream_body(100 * k + i, long_tokens, True)}),
         kwargs=dict(clients=15, requests=15))
     load.start()
     deadline = time.monotonic() + 60
     while s.health().get("busy", 0) < 15 and time.monotonic() < deadline:
-      time.sleep(0.01)
-    time.sleep(0.2)
-    if s.health().get("busy", 0) < 15:
+      time.sleep(0.002)
+    if time.monotonic() >= deadline:
       raise RuntimeError("the 15 long requests did not all start")
-    busy.append(one(k))
+    time.sleep(0.03)  # into their decoding: the probe finds a call in flight
+    ttft = one(k)
+    if s.health().get("busy", 0) >= 15:
+      busy.append(ttft)
+    else:
+      discarded += 1
     load.join()
+  if len(busy) < repeats:
+    raise RuntimeError(f"only {len(busy)} of {repeats} probes found 15 requests decoding")
   loaded = statistics.median(busy)
-  return {"ttft_idle_s": idle, "ttft_loaded_s": loaded, "ratio": loaded / idle}
+  return {"ttft_idle_s": idle, "ttft_loaded_s": loaded, "ratio": loaded / idle,
+          "discarded": discarded}
 
 
 def soak(s: Served, seconds: float, bad: list[loadgen.Bad]) -> dict:

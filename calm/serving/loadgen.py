@@ -247,9 +247,9 @@ def run_load(url: str, make: Callable[[int, random.Random], dict], *, clients: i
     try:
       try:
         client.connect()
-      except OSError:
-        client.close()  # the first request reports the error
-      ready.wait()
+      except Exception:  # noqa: BLE001 (the first request reports it)
+        client.close()
+      ready.wait(timeout=60)
       while True:
         with lock:
           i = counter[0]
@@ -267,7 +267,7 @@ def run_load(url: str, make: Callable[[int, random.Random], dict], *, clients: i
 
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     futures = [pool.submit(worker, w) for w in range(clients)]
-    ready.wait()
+    ready.wait(timeout=60)
     t0[0] = time.perf_counter()
     results = [r for f in futures for r in f.result()]
   return results, time.perf_counter() - t0[0]
