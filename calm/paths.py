@@ -106,9 +106,12 @@ def _recorded_paths(run_dir: pathlib.Path) -> dict[str, str]:
   return paths
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-  """`config.load`, plus: a run's own config.yaml is resolved against the run directory."""
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+  """`config.load` (None: the defaults), plus: a run's own config.yaml is resolved against the
+  run directory."""
   cfg = config.load(path, overrides)
+  if path is None:
+    return cfg
   path = pathlib.Path(path)
   given = {config.parse_override(o)[0] for o in overrides}
   raw_run_dir = config.read_yaml(path).get("run_dir")
@@ -143,3 +146,16 @@ def output_dir(out: str | os.PathLike, what: str) -> pathlib.Path:
         raise ConfigError(f"--out {root}: {parent} is not a directory")
       break
   return root
+
+
+def autoencoder_dir(cfg: Config, metadata: dict | None = None) -> pathlib.Path:
+  """The autoencoder run a CALM config depends on: `train.autoencoder`, else the path recorded
+  in the CALM checkpoint's metadata; a ConfigError if neither names a directory."""
+  ae = cfg.train.autoencoder or (metadata or {}).get("autoencoder", "")
+  if not ae:
+    raise ConfigError("train.autoencoder: the calm stage needs the autoencoder's run directory")
+  path = pathlib.Path(ae)
+  if not path.is_dir():
+    raise ConfigError(f"train.autoencoder: autoencoder run {path} not found; give its "
+                      f"directory with train.autoencoder=DIR")
+  return path

@@ -34,21 +34,9 @@ def load_model(run_dir: str | os.PathLike, *, step: int | None = None, mesh=None
                                        expect_stage=expect_stage)
 
 
-def autoencoder_dir(cfg: Config, metadata: dict | None = None) -> pathlib.Path:
-  """The autoencoder run a CALM config depends on: `train.autoencoder`, else the path recorded
-  in the CALM checkpoint's metadata."""
-  ae = cfg.train.autoencoder or (metadata or {}).get("autoencoder", "")
-  if not ae:
-    raise ConfigError("train.autoencoder: the calm stage needs the autoencoder's run directory")
-  return pathlib.Path(ae)
-
-
 def frozen_autoencoder(cfg: Config, mesh=None, metadata: dict | None = None) -> checkpoint.Loaded:
   """The CALM stage's autoencoder, checked against `cfg.model` (K, vocab, latent, sizes)."""
-  ae_dir = autoencoder_dir(cfg, metadata)
-  if not ae_dir.is_dir():
-    raise ConfigError(f"train.autoencoder: autoencoder run {ae_dir} not found; give its "
-                      f"directory with train.autoencoder=DIR")
+  ae_dir = paths.autoencoder_dir(cfg, metadata)
   loaded = load_model(ae_dir, mesh=mesh, expect_stage="autoencoder")
   checkpoint.check_compatible(loaded.config, cfg, keys=checkpoint.arch_keys("autoencoder"),
                               what=f"autoencoder {ae_dir}")
