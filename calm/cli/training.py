@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="dotted overrides, e.g. model.backbone.num_layers=4 train.steps=100")
   args = parser.parse_args(argv)
   cfg = paths.load_config(args.config, args.overrides)
-  if cfg.stage == "calm":  # a missing autoencoder is refused before seconds of imports
+  if cfg.train.autoencoder:  # a wrong autoencoder path is refused before seconds of imports
     paths.autoencoder_dir(cfg)
   from calm import trainer  # heavy imports after the config is known to be valid
   result = trainer.train(cfg)
