@@ -14,6 +14,11 @@ holds the directory's lock file (`.lockfile`), so a reader never sees a program 
 and no size limit: an object store shows an object whole or not at all. $JAX_COMPILATION_CACHE_DIR
 is shared with other jax programs and used as they use it (no limit, no lock). Every entry point
 calls `enable(cfg)` before its first compile. Light: no jax import until `enable` runs.
+
+$CALM_COMPILE_CACHE_MIN_SECS overrides `compile_cache.min_compile_secs`. A local cache with a
+size limit costs every *write* a scan of the whole directory (jax stats every program and reads
+its last-use stamp to decide what to drop: ~0.1 s at 2,000 programs), so a process that
+compiles thousands of tiny programs (a test suite) is better off not writing them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from calm.config import CompileCacheConfig, Config
 from calm.errors import ConfigError
 
 ENV = "CALM_COMPILE_CACHE"
+MIN_SECS_ENV = "CALM_COMPILE_CACHE_MIN_SECS"
 _OFF = ("off", "0", "false", "no", "none")
 _applied: tuple | None = None  # the settings this process runs with (None: never set)
 # Programs loaded from / written to the cache by this process (jax's monitoring events).
@@ -65,6 +71,21 @@ def resolve(cc: CompileCacheConfig, environ=os.environ) -> tuple[str | None, str
   return default_dir(environ), "default"
 
 
+def min_compile_secs(cc: CompileCacheConfig, environ=os.environ) -> float:
+  """Programs compiled faster than this are not written: $CALM_COMPILE_CACHE_MIN_SECS, else
+  `compile_cache.min_compile_secs`."""
+  env = environ.get(MIN_SECS_ENV, "").strip()
+  if not env:
+    return float(cc.min_compile_secs)
+  try:
+    secs = float(env)
+  except ValueError:
+    secs = -1.0
+  if not (secs >= 0 and secs != float("inf")):
+    raise ConfigError(f"${MIN_SECS_ENV}: must be a number of seconds >= 0, got {env!r}")
+  return secs
+
+
 def _writable(path: str) -> str | None:
   """None when `path` is (or can be made) a writable directory, else why not."""
   if _is_remote(path):
@@ -101,7 +122,7 @@ def enable(cfg: Config | CompileCacheConfig | None = None) -> str | None:
   max_bytes = -1 if path is None or _is_remote(path) or shared else int(cc.max_gib * 2**30)
   if max_bytes > 0:
     _stamp_unstamped(path)
-  settings = (path, float(cc.min_compile_secs), max_bytes)
+  settings = (path, min_compile_secs(cc), max_bytes)
   if settings == _applied:
     return path
   import jax

@@ -27,6 +27,15 @@ print(json.dumps(compile_cache.counts))
 """
 
 
+def test_min_compile_secs_from_the_environment_or_the_config():
+  cc = config.CompileCacheConfig(min_compile_secs=2.0)
+  assert compile_cache.min_compile_secs(cc, {}) == 2.0
+  assert compile_cache.min_compile_secs(cc, {"CALM_COMPILE_CACHE_MIN_SECS": "0.25"}) == 0.25
+  for bad in ("-1", "soon", "inf", "nan"):
+    with pytest.raises(ConfigError, match=r"\$CALM_COMPILE_CACHE_MIN_SECS: must be a number"):
+      compile_cache.min_compile_secs(cc, {"CALM_COMPILE_CACHE_MIN_SECS": bad})
+
+
 def test_where_the_cache_lives(tmp_path):
   cc = CompileCacheConfig()
   assert compile_cache.resolve(cc, {"HOME": "/h"}) == ("/h/.cache/calm-jax/jax", "default")
@@ -78,6 +87,7 @@ def test_a_cache_written_without_a_size_limit_is_adopted(tmp_path):
 def _compile_in(cache: pathlib.Path, *sizes: int) -> subprocess.Popen:
   env = subprocess_env(CALM_COMPILE_CACHE=str(cache))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop(compile_cache.MIN_SECS_ENV, None)  # its config writes even the tiny programs
   return subprocess.Popen([sys.executable, "-c", _COMPILE, *map(str, sizes)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
