@@ -129,6 +129,7 @@ class Client:
     if self.conn is None:
       self.conn = _connection(self.url, self.timeout)
       self.conn.connect()
+      self.last = time.monotonic()  # a fresh connection is not idle
     return self.conn
 
   def done(self, reusable: bool) -> None:
